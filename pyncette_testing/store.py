@@ -1,0 +1,199 @@
+"""The in-memory store: plain records plus a due-time index per dynamic task.
+
+Records mirror the columns of Pyncette's sqlite table (timestamps as float seconds, leases as
+strings) so that the repository on top of it reproduces the sqlite backend bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dateutil.tz
+from sortedcontainers import SortedList
+
+__all__ = ["InMemoryStore", "TaskRecord"]
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """An immutable snapshot of one stored task (a static task or a dynamic instance)."""
+
+    name: str
+    """Canonical name, e.g. ``"hello"`` or ``"hello:instance"``."""
+    parent: str | None
+    """Canonical name of the dynamic (or partition) template, ``None`` for static tasks."""
+    execute_after: datetime.datetime | None
+    locked_until: datetime.datetime | None
+    locked_by: str | None
+    spec: Mapping[str, Any] | None
+    """The stored task spec (``Task.as_spec()``) of a dynamic instance, ``None`` for static tasks."""
+
+
+def _to_datetime(timestamp: float | None) -> datetime.datetime | None:
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, dateutil.tz.UTC)
+
+
+class _Row:
+    """One mutable row. Only the store and the repository ever see these."""
+
+    __slots__ = ("execute_after", "locked_by", "locked_until", "name", "parent", "rowid", "spec")
+
+    def __init__(
+        self,
+        name: str,
+        parent: str | None,
+        rowid: int,
+        execute_after: float | None,
+        locked_until: float | None = None,
+        locked_by: str | None = None,
+        spec: str | None = None,
+    ) -> None:
+        self.name = name
+        self.parent = parent
+        self.rowid = rowid
+        self.execute_after = execute_after
+        self.locked_until = locked_until
+        self.locked_by = locked_by
+        self.spec = spec
+
+    @property
+    def due_key(self) -> tuple[float, int]:
+        # The sqlite backend orders due instances by MAX(COALESCE(locked_until, 0),
+        # COALESCE(execute_after, 0)) through its index, ties broken by rowid.
+        return (max(self.locked_until or 0.0, self.execute_after or 0.0), self.rowid)
+
+    def freeze(self) -> TaskRecord:
+        spec = None if self.spec is None else types.MappingProxyType(json.loads(self.spec))
+        return TaskRecord(
+            name=self.name,
+            parent=self.parent,
+            execute_after=_to_datetime(self.execute_after),
+            locked_until=_to_datetime(self.locked_until),
+            locked_by=self.locked_by,
+            spec=spec,
+        )
+
+
+class InMemoryStore:
+    """Tasks, leases and schedules held in memory, shareable by several apps (a simulated cluster).
+
+    Give the same store to several ``memory_repository`` factories (``memory_store=store``) and
+    they see the same data, exactly like processes sharing one database. The public methods are
+    read-only views; only a repository changes the data.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, _Row] = {}
+        self._due: dict[str, SortedList] = {}
+        self._names: dict[str, SortedList] = {}
+        self._next_rowid = 1
+        self._listeners: list[Callable[[], None]] = []
+
+    # -- read-only inspection -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._rows))
+
+    def __repr__(self) -> str:
+        return f"<InMemoryStore: {len(self._rows)} task(s)>"
+
+    def get(self, name: str) -> TaskRecord | None:
+        """The record stored under a canonical task name, or ``None``."""
+        row = self._rows.get(name)
+        return None if row is None else row.freeze()
+
+    def snapshot(self) -> tuple[TaskRecord, ...]:
+        """Every stored record, sorted by name."""
+        return tuple(self._rows[name].freeze() for name in sorted(self._rows))
+
+    def instances(self, parent: str) -> tuple[TaskRecord, ...]:
+        """The records of one dynamic template's instances (by its canonical name), sorted by name."""
+        return tuple(self._rows[name].freeze() for name in self._names.get(parent, ()))
+
+    # -- used by the repository ----------------------------------------------------------
+
+    def _add_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def _remove_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        for listener in tuple(self._listeners):
+            listener()
+
+    def _row(self, name: str) -> _Row | None:
+        return self._rows.get(name)
+
+    def _insert(self, name: str, parent: str | None, execute_after: float | None, spec: str | None = None) -> _Row:
+        row = _Row(name, parent, self._next_rowid, execute_after, spec=spec)
+        self._next_rowid += 1
+        self._rows[name] = row
+        if parent is not None:
+            self._due.setdefault(parent, SortedList()).add((row.due_key, name))
+            self._names.setdefault(parent, SortedList()).add(name)
+        return row
+
+    def _update(
+        self,
+        row: _Row,
+        *,
+        execute_after: float | None,
+        locked_until: float | None,
+        locked_by: str | None,
+        spec: str | None = None,
+    ) -> None:
+        index = self._due.get(row.parent) if row.parent is not None else None
+        if index is not None:
+            index.remove((row.due_key, row.name))
+        row.execute_after = execute_after
+        row.locked_until = locked_until
+        row.locked_by = locked_by
+        if spec is not None:
+            row.spec = spec
+        if index is not None:
+            index.add((row.due_key, row.name))
+
+    def _delete(self, name: str) -> None:
+        row = self._rows.pop(name, None)
+        if row is not None and row.parent is not None:
+            index = self._due[row.parent]
+            index.remove((row.due_key, name))
+            names = self._names[row.parent]
+            names.remove(name)
+            if not index:
+                del self._due[row.parent]
+                del self._names[row.parent]
+
+    def _due_rows(self, parent: str, now: float, limit: int) -> list[_Row]:
+        """Instances of ``parent`` due at ``now``, soonest first: O(limit + log n)."""
+        index = self._due.get(parent)
+        if not index:
+            return []
+        due = []
+        for (key, _rowid), name in index.islice(0, limit):
+            if key > now:
+                break
+            due.append(self._rows[name])
+        return due
+
+    def _children(self, parent: str, after: str | None, limit: int) -> list[_Row]:
+        """Instances of ``parent`` ordered by name, strictly after ``after``, at most ``limit``."""
+        names = self._names.get(parent)
+        if not names:
+            return []
+        window = names.irange(minimum=after, inclusive=(False, True)) if after is not None else iter(names)
+        return [self._rows[name] for name, _ in zip(window, range(limit))]
