@@ -1,13 +1,162 @@
-"""pytest plugin: fixtures and markers for testing Pyncette apps (registered via ``pytest11``)."""
+"""pytest plugin (registered through the ``pytest11`` entry point): wiring only, no logic.
+
+A test opts into virtual time with ``@pytest.mark.pyncette(...)`` or by requesting any
+``pyncette_*`` fixture. It then runs on a fresh :class:`VirtualTimeLoop` (through
+pytest-asyncio's ``pytest_asyncio_loop_factories`` hook) with an active :class:`VirtualClock`.
+"""
 
 from __future__ import annotations
 
-import pytest
+import datetime
+import inspect
+from collections.abc import AsyncIterator, Generator, Mapping
+from typing import Any
 
+import pytest
+import pytest_asyncio
+
+from .clock import VirtualClock, default_start, to_utc
+from .loop import VirtualTimeLoop
 from .store import InMemoryStore
+
+MARKER = "pyncette"
+_FIXTURE_PREFIX = "pyncette_"
+_START_KEY = pytest.StashKey[datetime.datetime | None]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pyncette", "pyncette-testing (virtual time for Pyncette apps)")
+    group.addoption(
+        "--pyncette-start",
+        dest="pyncette_start",
+        default=None,
+        metavar="ISO8601",
+        help="virtual start instant for pyncette tests, with an offset, e.g. 2024-01-01T00:00:00Z",
+    )
+    parser.addini("pyncette_start", "virtual start instant for pyncette tests (ISO-8601 with an offset)", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(start=None, **options): run this async test on virtual time (a VirtualTimeLoop and a VirtualClock)",
+    )
+    start = None
+    for source, value in (
+        ("ini option pyncette_start", config.getini("pyncette_start")),
+        ("--pyncette-start", config.getoption("pyncette_start")),
+    ):
+        if value and start is None:
+            start = _parse_start(value, source)
+    config.stash[_START_KEY] = start
+
+
+def _parse_start(value: Any, source: str) -> datetime.datetime:
+    try:
+        return to_utc(value, what=f"{source}")
+    except (TypeError, ValueError) as error:
+        raise pytest.UsageError(f"{error} (from {source})") from None
+
+
+def _opted_in(item: pytest.Item) -> bool:
+    if item.get_closest_marker(MARKER) is not None:
+        return True
+    return any(name.startswith(_FIXTURE_PREFIX) for name in getattr(item, "fixturenames", ()))
+
+
+def _marker_options(node: pytest.Item) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    # Closest marker wins: apply from the farthest (module) to the closest (function).
+    for marker in reversed(list(node.iter_markers(MARKER))):
+        if marker.args:
+            raise pytest.UsageError(f"{node.nodeid}: @pytest.mark.{MARKER} takes keyword arguments only")
+        options.update(marker.kwargs)
+    return options
+
+
+def start_for(item: pytest.Item) -> datetime.datetime:
+    """The start instant for a test: marker, else ini option, else command line, else the default."""
+    options = _marker_options(item)
+    if options.get("start") is not None:
+        return _parse_start(options["start"], f"{item.nodeid}: @pytest.mark.{MARKER}(start=...)")
+    configured = item.config.stash.get(_START_KEY, None)
+    return configured if configured is not None else default_start()
+
+
+# -- making marked async tests asyncio tests (strict mode) and putting them on virtual time ----------
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> Generator[None, Any, None]:
+    if inspect.iscoroutinefunction(obj) and _wants_virtual_time(collector, obj):
+        marks = getattr(obj, "pytestmark", [])
+        if not any(getattr(mark, "name", None) == "asyncio" for mark in marks):
+            pytest.mark.asyncio(obj)
+    yield
+
+
+def _wants_virtual_time(collector: pytest.Collector, obj: Any) -> bool:
+    if collector.get_closest_marker(MARKER) is not None:
+        return True
+    if any(getattr(mark, "name", None) == MARKER for mark in getattr(obj, "pytestmark", [])):
+        return True
+    try:
+        parameters = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(parameter.startswith(_FIXTURE_PREFIX) for parameter in parameters)
+
+
+@pytest.hookimpl(wrapper=True, optionalhook=True)
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Generator[None, Any, Any]:
+    result: Mapping[str, Any] | None = yield
+    if _opted_in(item):
+        return {"pyncette": VirtualTimeLoop}
+    # Tests that did not opt in keep whatever loop they had: another plugin's, or the policy's.
+    return result if result is not None else {"asyncio": _policy_loop}
+
+
+def _policy_loop() -> Any:
+    import asyncio
+
+    return asyncio.get_event_loop_policy().new_event_loop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker(MARKER) is None:
+            continue
+        start_for(item)  # a naive or unparsable start is a usage error at collection time
+        fixturenames = getattr(item, "fixturenames", None)
+        if fixturenames is not None and "pyncette_clock" not in fixturenames and _is_async(item):
+            fixturenames.append("pyncette_clock")
+
+
+def _is_async(item: pytest.Item) -> bool:
+    return inspect.iscoroutinefunction(getattr(item, "obj", None))
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def pyncette_store() -> InMemoryStore:
     """A fresh, empty :class:`InMemoryStore` for this test."""
     return InMemoryStore()
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def pyncette_clock(request: pytest.FixtureRequest) -> AsyncIterator[VirtualClock]:
+    """The active :class:`VirtualClock` of this test's virtual-time loop."""
+    _require_async_test(request, "pyncette_clock")
+    with VirtualClock(start_for(request.node)) as clock:
+        yield clock
+
+
+def _require_async_test(request: pytest.FixtureRequest, fixture: str) -> None:
+    if not inspect.iscoroutinefunction(getattr(request, "function", None)):
+        pytest.fail(
+            f"{fixture} runs on virtual time and needs an async test (async def); "
+            "from synchronous code use pyncette_testing.simulate()",
+            pytrace=False,
+        )

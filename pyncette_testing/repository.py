@@ -311,3 +311,56 @@ async def memory_repository(**kwargs: Any) -> AsyncIterator[InMemoryRepository]:
     if store is not None and not isinstance(store, InMemoryStore):
         raise TypeError(f"memory_store must be an InMemoryStore, got {type(store).__name__}")
     yield InMemoryRepository(store, batch_size=kwargs.get("batch_size", 100))
+
+
+class _RepositoryProxy(Repository):
+    """Forwards every ``Repository`` method through :meth:`_call`: the one boundary where wrappers
+    (I/O tracking, faults, journal, clock skew) hook in."""
+
+    def __init__(self, inner: Repository) -> None:
+        self._inner = inner
+
+    @property
+    def inner(self) -> Repository:
+        return self._inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def _call(self, operation: str, *args: Any) -> Any:
+        return await getattr(self._inner, operation)(*args)
+
+    async def poll_dynamic_task(
+        self, utc_now: datetime.datetime, task: Task, continuation_token: ContinuationToken | None = None
+    ) -> QueryResponse:
+        return await self._call("poll_dynamic_task", utc_now, task, continuation_token)  # type: ignore[no-any-return]
+
+    async def register_task(self, utc_now: datetime.datetime, task: Task, force: bool = False) -> None:
+        await self._call("register_task", utc_now, task, force)
+
+    async def unregister_task(self, utc_now: datetime.datetime, task: Task) -> None:
+        await self._call("unregister_task", utc_now, task)
+
+    async def poll_task(self, utc_now: datetime.datetime, task: Task, lease: Lease | None = None) -> PollResponse:
+        return await self._call("poll_task", utc_now, task, lease)  # type: ignore[no-any-return]
+
+    async def commit_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> None:
+        await self._call("commit_task", utc_now, task, lease)
+
+    async def extend_lease(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Lease | None:
+        return await self._call("extend_lease", utc_now, task, lease)  # type: ignore[no-any-return]
+
+    async def unlock_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> None:
+        await self._call("unlock_task", utc_now, task, lease)
+
+    async def get_task_state(self, utc_now: datetime.datetime, task: Task) -> TaskState | None:
+        return await self._call("get_task_state", utc_now, task)  # type: ignore[no-any-return]
+
+    async def list_task_states(
+        self,
+        utc_now: datetime.datetime,
+        parent_task: Task,
+        limit: int | None = None,
+        continuation_token: ContinuationToken | None = None,
+    ) -> ListTasksResponse:
+        return await self._call("list_task_states", utc_now, parent_task, limit, continuation_token)  # type: ignore[no-any-return]

@@ -1,0 +1,84 @@
+"""``track_io``: hold virtual time still while a call runs in another thread.
+
+Pyncette's sqlite backend (aiosqlite) and other drivers finish their work on their own threads,
+which the loop cannot see; wrapped in ``track_io`` their calls count as work in flight, so the
+loop waits for them instead of jumping over timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from pyncette.repository import Repository
+
+from .loop import VirtualTimeLoop
+from .repository import _RepositoryProxy
+
+__all__ = ["track_io"]
+
+T = TypeVar("T")
+
+
+async def held(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` with virtual time held still (when running on a VirtualTimeLoop)."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, VirtualTimeLoop):
+        return await awaitable
+    with loop._holding_time():
+        return await awaitable
+
+
+class _TrackedRepository(_RepositoryProxy):
+    async def _call(self, operation: str, *args: Any) -> Any:
+        return await held(getattr(self._inner, operation)(*args))
+
+
+def _track_factory(factory: Callable[..., Any]) -> Callable[..., contextlib.AbstractAsyncContextManager[Repository]]:
+    @contextlib.asynccontextmanager
+    @functools.wraps(factory)
+    async def tracked(**kwargs: Any) -> AsyncIterator[Repository]:
+        manager = factory(**kwargs)
+        repository = await held(manager.__aenter__())
+        try:
+            yield track_io(repository)
+        except BaseException as error:
+            if not await held(manager.__aexit__(type(error), error, error.__traceback__)):
+                raise
+        else:
+            await held(manager.__aexit__(None, None, None))
+
+    return tracked
+
+
+def track_io(obj: Any) -> Any:
+    """Wrap a repository factory, a repository or a coroutine function so that virtual time does
+    not move while one of its calls is in flight.
+
+    ``Pyncette(repository_factory=track_io(sqlite_repository))`` runs Pyncette's real sqlite
+    backend under virtual time with the same results as the in-memory store.
+    """
+    if isinstance(obj, _TrackedRepository):
+        return obj
+    if isinstance(obj, Repository):
+        return _TrackedRepository(obj)
+    if inspect.iscoroutinefunction(obj):
+
+        @functools.wraps(obj)
+        async def tracked_call(*args: Any, **kwargs: Any) -> Any:
+            return await held(obj(*args, **kwargs))
+
+        return tracked_call
+    if callable(obj):
+        if getattr(obj, "_pyncette_tracked", False):
+            return obj
+        factory = _track_factory(obj)
+        factory._pyncette_tracked = True  # type: ignore[attr-defined]
+        return factory
+    raise TypeError(
+        f"track_io() takes a repository factory, a Repository or a coroutine function, got {type(obj).__name__}"
+    )

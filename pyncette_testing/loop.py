@@ -1,0 +1,308 @@
+"""``VirtualTimeLoop``: an asyncio event loop whose clock jumps straight to the next timer.
+
+The one rule (after trio's ``MockClock`` with ``autojump_threshold=0``): when nothing is ready to
+run, no socket has an event and no real work is in flight, virtual time jumps to the earliest
+timer and fires it. Timers are kept in our own heap, ordered by (when, scheduling order), and
+fired one at a time only when the loop is otherwise idle, so two timers due at the same instant
+behave as if the later-scheduled one were a hair later: everything the first one makes ready
+settles before the second one fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import math
+import selectors
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .errors import SimulationStalled
+
+__all__ = ["VirtualTimeLoop"]
+
+# After this many consecutive loop iterations with ready work, a due timer is fired anyway, so
+# that code spinning on ``await asyncio.sleep(0)`` until time passes cannot hang the loop.
+_BUSY_ITERATIONS_BEFORE_TIME_PASSES = 10_000
+
+
+class _IdleWaiter:
+    """A pending ``advance_to``/``run_until_idle``: resolved when the loop is idle at ``horizon``."""
+
+    __slots__ = ("future", "horizon", "settle")
+
+    def __init__(self, future: asyncio.Future[None], horizon: float, settle: bool) -> None:
+        self.future = future
+        self.horizon = horizon
+        self.settle = settle  # run_until_idle: stop where the last timer fired, fail past horizon
+
+
+class _VirtualSelector(selectors.BaseSelector):
+    """Delegates to a real selector; ``select`` asks the loop what to do when it would block."""
+
+    def __init__(self, real: selectors.BaseSelector, loop: VirtualTimeLoop) -> None:
+        self._real = real
+        self._loop = loop
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._real.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._real.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._real.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        return self._loop._select(self._real, timeout)
+
+    def close(self) -> None:
+        self._real.close()
+
+    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._real.get_key(fileobj)
+
+    def get_map(self) -> Any:
+        return self._real.get_map()
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An ``asyncio.SelectorEventLoop`` on virtual time, starting at 0.
+
+    ``stall_timeout`` is the real-time grace (seconds) the loop waits for an I/O event when nothing
+    else can happen, before raising :class:`SimulationStalled`. ``io_timeout`` bounds how long
+    (real seconds) it holds time still for work in flight in another thread.
+    """
+
+    def __init__(self, *, stall_timeout: float = 1.0, io_timeout: float = 60.0) -> None:
+        for name, value in (("stall_timeout", stall_timeout), ("io_timeout", io_timeout)):
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a positive number of real seconds, got {value!r}")
+        super().__init__(selector=_VirtualSelector(selectors.DefaultSelector(), self))
+        self.stall_timeout = float(stall_timeout)
+        self.io_timeout = float(io_timeout)
+        self._now = 0.0
+        self._timers: list[tuple[float, int, asyncio.TimerHandle]] = []
+        self._cancelled_timers = 0
+        self._sequence = itertools.count()
+        self._in_flight = 0
+        self._busy_iterations = 0
+        self._waiter: _IdleWaiter | None = None
+        self._time_listeners: list[Callable[[float], None]] = []
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def time(self) -> float:
+        return self._now
+
+    def _set_time(self, when: float) -> None:
+        if when > self._now:
+            self._now = when
+            for listener in self._time_listeners:
+                listener(when)
+
+    def _jump(self, seconds: float) -> None:
+        """Move time forward without firing what falls due (a frozen process): timers fire late."""
+        self._set_time(self._now + seconds)
+
+    def _add_time_listener(self, listener: Callable[[float], None]) -> None:
+        self._time_listeners.append(listener)
+
+    def _remove_time_listener(self, listener: Callable[[float], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._time_listeners.remove(listener)
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any, context: Any = None) -> asyncio.TimerHandle:
+        if when is None:
+            raise TypeError("when cannot be None")
+        self._check_closed()  # type: ignore[attr-defined]
+        if self.get_debug():
+            self._check_thread()  # type: ignore[attr-defined]
+        timer = asyncio.TimerHandle(when, callback, args, self, context)
+        heapq.heappush(self._timers, (when, next(self._sequence), timer))
+        timer._scheduled = True  # type: ignore[attr-defined]
+        return timer
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        if handle._scheduled:  # type: ignore[attr-defined]
+            self._cancelled_timers += 1
+            if self._cancelled_timers > 100 and self._cancelled_timers * 2 > len(self._timers):
+                self._timers = [entry for entry in self._timers if not entry[2].cancelled()]
+                heapq.heapify(self._timers)
+                self._cancelled_timers = 0
+
+    def _next_timer(self) -> tuple[float, int, asyncio.TimerHandle] | None:
+        timers = self._timers
+        while timers and timers[0][2].cancelled():
+            heapq.heappop(timers)[2]._scheduled = False  # type: ignore[attr-defined]
+            self._cancelled_timers = max(0, self._cancelled_timers - 1)
+        return timers[0] if timers else None
+
+    def _fire_next_timer(self, horizon: float = math.inf) -> bool:
+        entry = self._next_timer()
+        if entry is None or entry[0] > horizon:
+            return False
+        heapq.heappop(self._timers)
+        when, _, handle = entry
+        handle._scheduled = False  # type: ignore[attr-defined]
+        self._set_time(when)
+        self._ready.append(handle)  # type: ignore[attr-defined]
+        return True
+
+    def _pending_timers(self) -> list[asyncio.TimerHandle]:
+        return [handle for _, _, handle in sorted(self._timers) if not handle.cancelled()]
+
+    # -- work in flight in other threads -------------------------------------------------------
+
+    def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        future = super().run_in_executor(executor, func, *args)
+        self._in_flight += 1
+        future.add_done_callback(self._io_done)
+        return future
+
+    def _io_done(self, _: object = None) -> None:
+        self._in_flight -= 1
+
+    @contextlib.contextmanager
+    def _holding_time(self) -> Iterator[None]:
+        """Virtual time does not move while the body runs (a call into another thread)."""
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    # -- waiting for the loop to go idle ----------------------------------------------------------
+
+    def _wait_idle(self, horizon: float, *, settle: bool) -> asyncio.Future[None]:
+        if self._waiter is not None and not self._waiter.future.done():
+            raise RuntimeError(
+                "another advance()/run_until_idle() is already in progress on this loop; await it before starting another"
+            )
+        future = self.create_future()
+        self._waiter = _IdleWaiter(future, horizon, settle)
+        return future
+
+    def _resolve_waiter(self) -> bool:
+        """Called when idle and no timer at or before the horizon can fire."""
+        waiter = self._waiter
+        if waiter is None:
+            return False
+        self._waiter = None
+        if waiter.future.done():  # the awaiting task was cancelled
+            return False
+        if not waiter.settle:
+            self._set_time(waiter.horizon)
+            waiter.future.set_result(None)
+        elif self._next_timer() is None:
+            waiter.future.set_result(None)
+        else:
+            waiter.future.set_exception(
+                TimeoutError(
+                    "run_until_idle: timers keep coming past the limit; still scheduled:\n" + self._describe_timers()
+                )
+            )
+        return True
+
+    # -- the one place where time moves ---------------------------------------------------------
+
+    def _select(self, real: selectors.BaseSelector, timeout: float | None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout == 0:
+            # Ready work exists. Time only passes for code that spins without ever going idle.
+            self._busy_iterations += 1
+            if self._busy_iterations >= _BUSY_ITERATIONS_BEFORE_TIME_PASSES and not self._in_flight:
+                self._busy_iterations = 0
+                self._fire_next_timer(self._waiter.horizon if self._waiter is not None else math.inf)
+            return real.select(0)
+
+        self._busy_iterations = 0
+        events = real.select(0)  # sockets are polled before any jump
+        if events:
+            return events
+        if self._in_flight:
+            events = real.select(self.io_timeout)
+            if events:
+                return events
+            raise SimulationStalled(
+                f"work in another thread has been in flight for {self.io_timeout:g} real seconds "
+                f"(io_timeout) without completing.\n{self._describe_state()}"
+            )
+        waiter = self._waiter
+        horizon = waiter.horizon if waiter is not None else math.inf
+        if self._fire_next_timer(horizon) or self._resolve_waiter():
+            return []
+        events = real.select(self.stall_timeout)
+        if events:
+            return events
+        raise SimulationStalled(
+            f"nothing can make progress: no ready callbacks, no timers, no work in flight and no I/O "
+            f"event within {self.stall_timeout:g} real seconds (stall_timeout).\n{self._describe_state()}"
+        )
+
+    # -- describing what is waiting --------------------------------------------------------------
+
+    def _describe_state(self) -> str:
+        lines = [f"virtual time: {self._now:g} s"]
+        tasks = sorted(asyncio.all_tasks(self), key=lambda task: task.get_name())
+        lines.append(f"tasks waiting ({len(tasks)}):")
+        lines.extend(f"  - {describe_task(task)}" for task in tasks)
+        if self._timers:
+            lines.append("timers:\n" + self._describe_timers())
+        return "\n".join(lines)
+
+    def _describe_timers(self, limit: int = 10) -> str:
+        timers = self._pending_timers()
+        lines = [f"  - at {handle.when():g} s: {describe_handle(handle)}" for handle in timers[:limit]]
+        if len(timers) > limit:
+            lines.append(f"  ... and {len(timers) - limit} more")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        self._timers.clear()
+        self._time_listeners.clear()
+        super().close()
+
+
+def _frames(coro: Any) -> tuple[list[str], Any]:
+    """The chain of coroutine frames a coroutine is suspended in, and the innermost awaitable."""
+    frames = []
+    while True:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
+        awaited = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None) or getattr(coro, "gi_yieldfrom", None)
+        if awaited is None or not isinstance(awaited, (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)):
+            return frames, awaited
+        coro = awaited
+
+
+def describe_task(task: asyncio.Task[Any]) -> str:
+    """One line: a task's name, where it is suspended and what it awaits."""
+    frames, awaited = _frames(task.get_coro())
+    where = " -> ".join(frames) if frames else repr(task.get_coro())
+    waiting_on = getattr(task, "_fut_waiter", None) or awaited
+    suffix = f" awaiting {waiting_on!r}" if waiting_on is not None else ""
+    return f"{task.get_name()}: {where}{suffix}"
+
+
+def describe_handle(handle: asyncio.Handle) -> str:
+    """Who a timer belongs to: the task it will wake, when that can be found."""
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        return describe_task(owner)
+    task = getattr(owner, "_task", None)  # asyncio.Timeout
+    if isinstance(task, asyncio.Task):
+        return describe_task(task)
+    for arg in getattr(handle, "_args", None) or ():
+        if isinstance(arg, asyncio.Future):
+            for done_callback, _ in getattr(arg, "_callbacks", None) or ():
+                target = getattr(done_callback, "__self__", None)
+                if isinstance(target, asyncio.Task):
+                    return describe_task(target)
+    return repr(handle)
