@@ -5,17 +5,26 @@ from __future__ import annotations
 from .clock import VirtualClock
 from .errors import SimulationStalled
 from .io import track_io
+from .journal import Execution, Outcome
 from .loop import VirtualTimeLoop
 from .repository import InMemoryRepository, memory_repository
+from .simulation import Simulation, SimulationReport, TaskSummary, Worker, simulate
 from .store import InMemoryStore, TaskRecord
 
 __all__ = [
+    "Execution",
     "InMemoryRepository",
     "InMemoryStore",
+    "Outcome",
+    "Simulation",
+    "SimulationReport",
     "SimulationStalled",
     "TaskRecord",
+    "TaskSummary",
     "VirtualClock",
     "VirtualTimeLoop",
+    "Worker",
     "memory_repository",
+    "simulate",
     "track_io",
 ]

@@ -91,7 +91,7 @@ def _follow_loop_time_in_pyncette() -> None:
 
     with _perf_lock:
         if _perf_users == 0:
-            pyncette.pyncette.time = _LoopPerfCounter()  # type: ignore[assignment]
+            pyncette.pyncette.time = _LoopPerfCounter()  # type: ignore[attr-defined,assignment]
         _perf_users += 1
 
 
@@ -102,7 +102,7 @@ def _release_pyncette_time() -> None:
     with _perf_lock:
         _perf_users -= 1
         if _perf_users == 0:
-            pyncette.pyncette.time = _time
+            pyncette.pyncette.time = _time  # type: ignore[attr-defined]
 
 
 # -- freezegun interop ---------------------------------------------------------------------------
@@ -123,6 +123,21 @@ def default_start() -> datetime.datetime:
     if time_machine.escape_hatch.is_travelling():
         return datetime.datetime.now(datetime.timezone.utc)
     return DEFAULT_START
+
+
+_ACTIVE_CLOCKS: set[VirtualClock] = set()
+
+
+def stop_active_clocks() -> None:
+    """Undo the patches of clocks whose owner never got to stop them (a loop torn down mid-test)."""
+    for clock in list(_ACTIVE_CLOCKS):
+        clock._deactivate()
+
+
+def active_clock(loop: VirtualTimeLoop) -> VirtualClock | None:
+    """The clock currently active on ``loop``, if any."""
+    clock = getattr(loop, "_clock", None)
+    return clock if isinstance(clock, VirtualClock) and clock.active else None
 
 
 # -- the clock ---------------------------------------------------------------------------------
@@ -194,7 +209,9 @@ class VirtualClock:
         target = to_utc(when, what="advance_to() instant")
         now = self.now()
         if target < now:
-            raise ValueError(f"cannot move time backwards: advance_to({target.isoformat()}) is before now ({now.isoformat()})")
+            raise ValueError(
+                f"cannot move time backwards: advance_to({target.isoformat()}) is before now ({now.isoformat()})"
+            )
         loop = self._check_running()
         await loop._wait_idle(loop.time() + (target - now).total_seconds(), settle=False)
 
@@ -260,6 +277,8 @@ class VirtualClock:
             self._traveller = self._travel.start()
         _follow_loop_time_in_pyncette()
         loop._add_time_listener(self._follow)
+        loop._clock = self
+        _ACTIVE_CLOCKS.add(self)
         self._active = True
 
     def _deactivate(self) -> None:
@@ -267,6 +286,9 @@ class VirtualClock:
             return
         self._active = False
         self._stopped = True
+        _ACTIVE_CLOCKS.discard(self)
+        if getattr(self.loop, "_clock", None) is self:
+            self.loop._clock = None
         self.loop._remove_time_listener(self._follow)
         _release_pyncette_time()
         if self._travel is not None:
@@ -275,6 +297,21 @@ class VirtualClock:
         if self._freezegun is not None:
             self._freezegun.move_to(self._freezegun_original)
             self._freezegun = None
+
+    def _restart_at(self, start: datetime.datetime) -> None:
+        """Move the start instant of an active clock on which no time has passed yet."""
+        if self.loop.time() != self._origin:
+            raise ValueError(
+                f"this loop's clock started at {self._start.isoformat()} and has already moved to "
+                f"{self.now().isoformat()}; give the start instant where the clock is created, e.g. "
+                "@pytest.mark.pyncette(start=...)"
+            )
+        self._start = start
+        self._wall_us = 0
+        if self._traveller is not None:
+            self._traveller.move_to(start)
+        elif self._freezegun is not None:
+            self._freezegun.move_to(start.replace(tzinfo=None))
 
     def _follow(self, loop_time: float) -> None:
         wall_us = round((loop_time - self._origin) * 1_000_000)
@@ -287,8 +324,12 @@ class VirtualClock:
     def _check_active(self) -> None:
         if not self._active:
             if self._stopped:
-                raise RuntimeError("this VirtualClock has stopped (its test or simulation ended); time can no longer move")
-            raise RuntimeError("this VirtualClock is not active; use it as `with clock:` or take the pyncette_clock fixture")
+                raise RuntimeError(
+                    "this VirtualClock has stopped (its test or simulation ended); time can no longer move"
+                )
+            raise RuntimeError(
+                "this VirtualClock is not active; use it as `with clock:` or take the pyncette_clock fixture"
+            )
 
     def _check_running(self) -> VirtualTimeLoop:
         self._check_active()

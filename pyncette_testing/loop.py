@@ -30,14 +30,27 @@ _BUSY_ITERATIONS_BEFORE_TIME_PASSES = 10_000
 
 
 class _IdleWaiter:
-    """A pending ``advance_to``/``run_until_idle``: resolved when the loop is idle at ``horizon``."""
+    """A pending ``advance``/``run_until_idle``/``run_until``, resolved when the loop goes idle.
 
-    __slots__ = ("future", "horizon", "settle")
+    ``advance``: idle with no timer left at or before ``horizon``; time then moves to ``horizon``.
+    ``settle`` (run_until_idle): no timer left at all; fails if the next one is past ``horizon``.
+    ``condition`` (run_until): resolves ``True`` at the first idle instant where it holds,
+    ``False`` at ``horizon``.
+    """
 
-    def __init__(self, future: asyncio.Future[None], horizon: float, settle: bool) -> None:
+    __slots__ = ("condition", "future", "horizon", "settle")
+
+    def __init__(
+        self,
+        future: asyncio.Future[Any],
+        horizon: float,
+        settle: bool,
+        condition: Callable[[], bool] | None,
+    ) -> None:
         self.future = future
         self.horizon = horizon
-        self.settle = settle  # run_until_idle: stop where the last timer fired, fail past horizon
+        self.settle = settle
+        self.condition = condition
 
 
 class _VirtualSelector(selectors.BaseSelector):
@@ -78,10 +91,11 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     """
 
     def __init__(self, *, stall_timeout: float = 1.0, io_timeout: float = 60.0) -> None:
+        super().__init__(selector=_VirtualSelector(selectors.DefaultSelector(), self))
         for name, value in (("stall_timeout", stall_timeout), ("io_timeout", io_timeout)):
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                self.close()
                 raise ValueError(f"{name} must be a positive number of real seconds, got {value!r}")
-        super().__init__(selector=_VirtualSelector(selectors.DefaultSelector(), self))
         self.stall_timeout = float(stall_timeout)
         self.io_timeout = float(io_timeout)
         self._now = 0.0
@@ -92,6 +106,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._busy_iterations = 0
         self._waiter: _IdleWaiter | None = None
         self._time_listeners: list[Callable[[float], None]] = []
+        self._clock: Any = None  # the VirtualClock active on this loop, set by the clock itself
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -117,7 +132,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     # -- timers -------------------------------------------------------------------------------
 
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any, context: Any = None) -> asyncio.TimerHandle:
+    def call_at(  # type: ignore[override]
+        self, when: float, callback: Callable[..., object], *args: Any, context: Any = None
+    ) -> asyncio.TimerHandle:
         if when is None:
             raise TypeError("when cannot be None")
         self._check_closed()  # type: ignore[attr-defined]
@@ -159,7 +176,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     # -- work in flight in other threads -------------------------------------------------------
 
-    def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    def run_in_executor(  # type: ignore[override]
+        self, executor: Any, func: Callable[..., Any], *args: Any
+    ) -> asyncio.Future[Any]:
         future = super().run_in_executor(executor, func, *args)
         self._in_flight += 1
         future.add_done_callback(self._io_done)
@@ -179,14 +198,36 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     # -- waiting for the loop to go idle ----------------------------------------------------------
 
-    def _wait_idle(self, horizon: float, *, settle: bool) -> asyncio.Future[None]:
+    def _wait_idle(
+        self, horizon: float, *, settle: bool = False, condition: Callable[[], bool] | None = None
+    ) -> asyncio.Future[Any]:
         if self._waiter is not None and not self._waiter.future.done():
             raise RuntimeError(
-                "another advance()/run_until_idle() is already in progress on this loop; await it before starting another"
+                "another advance()/run_until_idle()/run_until() is already in progress on this loop; "
+                "await it before starting another"
             )
         future = self.create_future()
-        self._waiter = _IdleWaiter(future, horizon, settle)
+        self._waiter = _IdleWaiter(future, horizon, settle, condition)
         return future
+
+    def _condition_holds(self) -> bool:
+        """At an idle instant: resolve a ``run_until`` waiter whose condition now holds."""
+        waiter = self._waiter
+        if waiter is None or waiter.condition is None:
+            return False
+        if waiter.future.done():
+            self._waiter = None
+            return False
+        try:
+            holds = waiter.condition()
+        except Exception as error:
+            self._waiter = None
+            waiter.future.set_exception(error)
+            return True
+        if holds:
+            self._waiter = None
+            waiter.future.set_result(True)
+        return bool(holds)
 
     def _resolve_waiter(self) -> bool:
         """Called when idle and no timer at or before the horizon can fire."""
@@ -196,7 +237,10 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._waiter = None
         if waiter.future.done():  # the awaiting task was cancelled
             return False
-        if not waiter.settle:
+        if waiter.condition is not None:
+            self._set_time(waiter.horizon)
+            waiter.future.set_result(False)
+        elif not waiter.settle:
             self._set_time(waiter.horizon)
             waiter.future.set_result(None)
         elif self._next_timer() is None:
@@ -218,6 +262,10 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             if self._busy_iterations >= _BUSY_ITERATIONS_BEFORE_TIME_PASSES and not self._in_flight:
                 self._busy_iterations = 0
                 self._fire_next_timer(self._waiter.horizon if self._waiter is not None else math.inf)
+            # With no file descriptor but the loop's own wake-up pipe, the poll can wait until the
+            # loop goes idle (it always polls then, before any jump): it saves a syscall per step.
+            if len(real.get_map()) <= 1:
+                return []
             return real.select(0)
 
         self._busy_iterations = 0
@@ -232,6 +280,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 f"work in another thread has been in flight for {self.io_timeout:g} real seconds "
                 f"(io_timeout) without completing.\n{self._describe_state()}"
             )
+        if self._condition_holds():
+            return []
         waiter = self._waiter
         horizon = waiter.horizon if waiter is not None else math.inf
         if self._fire_next_timer(horizon) or self._resolve_waiter():
@@ -263,8 +313,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         return "\n".join(lines)
 
     def close(self) -> None:
-        self._timers.clear()
-        self._time_listeners.clear()
+        if hasattr(self, "_timers"):
+            self._timers.clear()
+            self._time_listeners.clear()
         super().close()
 
 
@@ -275,8 +326,12 @@ def _frames(coro: Any) -> tuple[list[str], Any]:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
         if frame is not None:
             frames.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
-        awaited = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None) or getattr(coro, "gi_yieldfrom", None)
-        if awaited is None or not isinstance(awaited, (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)):
+        awaited = (
+            getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None) or getattr(coro, "gi_yieldfrom", None)
+        )
+        if awaited is None or not isinstance(
+            awaited, (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
+        ):
             return frames, awaited
         coro = awaited
 

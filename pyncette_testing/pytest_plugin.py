@@ -15,9 +15,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from .clock import VirtualClock, default_start, to_utc
+from pyncette import Pyncette
+
+from .clock import VirtualClock, default_start, stop_active_clocks, to_utc
 from .loop import VirtualTimeLoop
+from .simulation import Simulation
 from .store import InMemoryStore
+from .target import load_app
 
 MARKER = "pyncette"
 _FIXTURE_PREFIX = "pyncette_"
@@ -34,12 +38,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="virtual start instant for pyncette tests, with an offset, e.g. 2024-01-01T00:00:00Z",
     )
     parser.addini("pyncette_start", "virtual start instant for pyncette tests (ISO-8601 with an offset)", default="")
+    parser.addini("pyncette_app", "the app pyncette_app simulates by default, as 'package.module:app'", default="")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(start=None, **options): run this async test on virtual time (a VirtualTimeLoop and a VirtualClock)",
+        f"{MARKER}(start=None, app=None, poll_interval=None, seed=0, **config): run this async test on virtual "
+        "time (a VirtualTimeLoop and a VirtualClock); the keywords also configure the pyncette_app simulation",
     )
     start = None
     for source, value in (
@@ -132,6 +138,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             fixturenames.append("pyncette_clock")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    # A loop torn down mid-test (say by SimulationStalled) may never run a clock's exit: undo its
+    # wall-clock patches here so that nothing leaks into the next test.
+    stop_active_clocks()
+
+
 def _is_async(item: pytest.Item) -> bool:
     return inspect.iscoroutinefunction(getattr(item, "obj", None))
 
@@ -151,6 +164,32 @@ async def pyncette_clock(request: pytest.FixtureRequest) -> AsyncIterator[Virtua
     _require_async_test(request, "pyncette_clock")
     with VirtualClock(start_for(request.node)) as clock:
         yield clock
+
+
+@pytest.fixture
+def pyncette_target(request: pytest.FixtureRequest) -> Pyncette | None:
+    """The app ``pyncette_app`` simulates: marker ``app=``, else the ini option ``pyncette_app``,
+    else ``None`` (a fresh app for inline tasks). Override this fixture to point at your app."""
+    spec = _marker_options(request.node).get("app") or request.config.getini("pyncette_app")
+    if not spec:
+        return None
+    if isinstance(spec, Pyncette):
+        return spec
+    try:
+        return load_app(spec)
+    except ValueError as error:
+        raise pytest.UsageError(f"{request.node.nodeid}: pyncette app {error}") from None
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def pyncette_app(
+    request: pytest.FixtureRequest, pyncette_clock: VirtualClock, pyncette_target: Pyncette | None
+) -> AsyncIterator[Simulation]:
+    """An entered :class:`Simulation` of ``pyncette_target`` on this test's virtual loop."""
+    _require_async_test(request, "pyncette_app")
+    options = {key: value for key, value in _marker_options(request.node).items() if key not in ("start", "app")}
+    async with Simulation(pyncette_target, **options) as simulation:
+        yield simulation
 
 
 def _require_async_test(request: pytest.FixtureRequest, fixture: str) -> None:

@@ -103,7 +103,9 @@ class InMemoryRepository(Repository):
         locked_until = _timestamp(utc_now + task.lease_duration)
         concrete_tasks = [task.instantiate_from_spec(json.loads(row.spec or "null")) for row in rows]
         for row in rows:
-            self._store._update(row, execute_after=row.execute_after, locked_until=locked_until, locked_by=str(locked_by))
+            self._store._update(
+                row, execute_after=row.execute_after, locked_until=locked_until, locked_by=str(locked_by)
+            )
         self._store._changed()
         return QueryResponse(
             tasks=[(concrete_task, Lease(locked_by)) for concrete_task in concrete_tasks],
@@ -113,12 +115,16 @@ class InMemoryRepository(Repository):
     async def register_task(self, utc_now: datetime.datetime, task: Task, force: bool = False) -> None:
         _check_now(utc_now)
         if task.parent_task is None:
-            raise ValueError(f"register_task takes a concrete dynamic task instance, not {task.canonical_name!r}; use task.instantiate(name, ...)")
+            raise ValueError(
+                f"register_task takes a concrete dynamic task instance, not {task.canonical_name!r}; use task.instantiate(name, ...)"
+            )
         new_execute_after = task.get_next_execution(utc_now, None)
         spec = json.dumps(task.as_spec())
         row = self._store._row(task.canonical_name)
         if row is None:
-            self._store._insert(task.canonical_name, task.parent_task.canonical_name, _timestamp(new_execute_after), spec)
+            self._store._insert(
+                task.canonical_name, task.parent_task.canonical_name, _timestamp(new_execute_after), spec
+            )
         else:
             locked_until = _datetime(row.locked_until)
             if not force and locked_until is not None and locked_until > utc_now:

@@ -196,4 +196,4 @@ class InMemoryStore:
         if not names:
             return []
         window = names.irange(minimum=after, inclusive=(False, True)) if after is not None else iter(names)
-        return [self._rows[name] for name, _ in zip(window, range(limit))]
+        return [self._rows[name] for name, _ in zip(window, range(limit), strict=False)]

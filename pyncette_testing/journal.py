@@ -1,0 +1,195 @@
+"""The journal: every execution a simulation made, and readable timelines for assertion messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = ["Execution", "Outcome", "render_timeline"]
+
+
+class Outcome(enum.Enum):
+    """How an execution of a task body ended."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __repr__(self) -> str:
+        return f"Outcome.{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """One execution of a task body, as the journal saw it. Instants are aware UTC datetimes."""
+
+    task: str
+    """Canonical name: ``"report"``, ``"queue:job-1"``, ``"shards:3:job-1"``."""
+    template: str | None
+    """The dynamic or partitioned template's name, ``None`` for static tasks."""
+    instance: str | None
+    """The dynamic instance's name, ``None`` for static tasks."""
+    worker: str
+    scheduled_at: datetime.datetime
+    started_at: datetime.datetime
+    finished_at: datetime.datetime | None
+    outcome: Outcome
+    error: BaseException | None = dataclasses.field(default=None, compare=False)
+    args: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def lateness(self) -> datetime.timedelta:
+        """``started_at - scheduled_at``."""
+        return self.started_at - self.scheduled_at
+
+    @property
+    def duration(self) -> datetime.timedelta | None:
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+    def __str__(self) -> str:
+        finished = "…" if self.finished_at is None else _clock(self.finished_at)
+        error = f" {type(self.error).__name__}: {self.error}" if self.error is not None else ""
+        return (
+            f"{self.task} on {self.worker}: scheduled {_instant(self.scheduled_at)}, "
+            f"ran {_instant(self.started_at)}–{finished}, {self.outcome.value}{error}"
+        )
+
+
+class _Entry:
+    """The journal's mutable record of one execution; :meth:`freeze` gives the public view."""
+
+    __slots__ = (
+        "args",
+        "error",
+        "finished_at",
+        "instance",
+        "outcome",
+        "scheduled_at",
+        "started_at",
+        "task",
+        "template",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        template: str | None,
+        instance: str | None,
+        worker: str,
+        scheduled_at: datetime.datetime,
+        started_at: datetime.datetime,
+        args: dict[str, Any],
+    ) -> None:
+        self.task = task
+        self.template = template
+        self.instance = instance
+        self.worker = worker
+        self.scheduled_at = scheduled_at
+        self.started_at = started_at
+        self.finished_at: datetime.datetime | None = None
+        self.outcome = Outcome.RUNNING
+        self.error: BaseException | None = None
+        self.args = args
+
+    def finish(self, outcome: Outcome, at: datetime.datetime, error: BaseException | None = None) -> None:
+        self.outcome = outcome
+        self.finished_at = at
+        self.error = error
+
+    def freeze(self) -> Execution:
+        return Execution(
+            task=self.task,
+            template=self.template,
+            instance=self.instance,
+            worker=self.worker,
+            scheduled_at=self.scheduled_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            outcome=self.outcome,
+            error=self.error,
+            args=dict(self.args),
+        )
+
+
+class Journal:
+    """Executions in start order."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+
+    def begin(self, **fields: Any) -> _Entry:
+        entry = _Entry(**fields)
+        self.entries.append(entry)
+        return entry
+
+    def release_frames(self) -> None:
+        """Drop the local variables that errors' tracebacks hold, so that a finished simulation
+        can be collected; the tracebacks still print."""
+        for entry in self.entries:
+            error = entry.error
+            seen: set[int] = set()
+            while error is not None and id(error) not in seen:
+                seen.add(id(error))
+                if error.__traceback__ is not None:
+                    traceback.clear_frames(error.__traceback__)
+                error = error.__cause__ or error.__context__
+
+
+def _instant(value: datetime.datetime) -> str:
+    return value.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") + _fraction(value)
+
+
+def _clock(value: datetime.datetime) -> str:
+    return value.astimezone(datetime.timezone.utc).strftime("%H:%M:%S") + _fraction(value)
+
+
+def _fraction(value: datetime.datetime) -> str:
+    return f".{value.microsecond:06d}".rstrip("0") if value.microsecond else ""
+
+
+def _delta(value: datetime.timedelta) -> str:
+    seconds = value.total_seconds()
+    sign = "-" if seconds < 0 else "+"
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{sign}{seconds:g}s"
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    days, hours = divmod(hours, 24)
+    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    return sign + "".join(parts) + (f"{seconds:g}s" if seconds else "")
+
+
+def render_timeline(executions: Sequence[Execution] | Iterable[Execution], *, limit: int = 50) -> str:
+    """A plain-text table of executions: scheduled vs started, lateness, worker, outcome."""
+    rows = list(executions)
+    if not rows:
+        return "    (no executions)"
+    header = ("#", "task", "scheduled (UTC)", "started", "late", "finished", "worker", "outcome")
+    table = [header]
+    for index, execution in enumerate(rows[:limit], 1):
+        error = f" ({type(execution.error).__name__}: {execution.error})" if execution.error is not None else ""
+        table.append(
+            (
+                str(index),
+                execution.task,
+                _instant(execution.scheduled_at),
+                _instant(execution.started_at),
+                _delta(execution.lateness),
+                "—" if execution.finished_at is None else _instant(execution.finished_at),
+                execution.worker,
+                execution.outcome.value + error,
+            )
+        )
+    widths = [max(len(row[column]) for row in table) for column in range(len(header) - 1)]
+    lines = ["    " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in table]
+    if len(rows) > limit:
+        lines.append(f"    ... and {len(rows) - limit} more")
+    return "\n".join(line.rstrip() for line in lines)

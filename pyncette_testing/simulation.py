@@ -1,0 +1,825 @@
+"""``Simulation``: the user's real Pyncette app, on a shared store, under virtual time, journaled.
+
+Pyncette is never forked: every worker is an ordinary ``PyncetteContext`` running ``run()`` for a
+copy of the user's app (same tasks, fixtures and middlewares) whose repository factory is the
+simulation's, and whose first middleware records each execution in the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import inspect
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from pyncette import Pyncette
+from pyncette.model import Context, ListTasksResponse, TaskState
+from pyncette.pyncette import PyncetteContext
+from pyncette.repository import Repository, RepositoryFactory
+from pyncette.task import PartitionedTask, Task, _TaskPartition
+
+from .clock import VirtualClock, active_clock, to_seconds, to_utc
+from .errors import SimulationStalled
+from .io import track_io
+from .journal import Execution, Journal, Outcome, _Entry, render_timeline
+from .loop import VirtualTimeLoop, describe_task
+from .repository import _RepositoryProxy, memory_repository
+from .store import InMemoryStore
+
+__all__ = ["Simulation", "SimulationReport", "TaskSummary", "Worker", "simulate"]
+
+T = TypeVar("T")
+Duration = datetime.timedelta | float | int
+TaskRef = Task | str
+
+
+def _duration(delta: Duration | None, kwargs: Mapping[str, float], what: str) -> float:
+    """A duration given either positionally (timedelta or seconds) or as timedelta keywords."""
+    if delta is not None and kwargs:
+        raise TypeError(f"{what}: give a duration or timedelta keywords (days=, hours=, ...), not both")
+    if delta is None:
+        if not kwargs:
+            raise TypeError(f"{what} needs a duration: a timedelta, seconds, or keywords such as days=2")
+        try:
+            delta = datetime.timedelta(**kwargs)
+        except TypeError as error:
+            raise TypeError(f"{what}: {error}; use timedelta keywords (weeks, days, hours, minutes, seconds)") from None
+    return to_seconds(delta, what=what)
+
+
+# -- copies of the user's app ------------------------------------------------------------------------
+
+
+def _copy_app(
+    app: Pyncette,
+    *,
+    repository_factory: RepositoryFactory | None = None,
+    poll_interval: datetime.timedelta | None = None,
+    configuration: Mapping[str, Any] | None = None,
+    fixtures: Mapping[str, Callable[..., Any]] | None = None,
+    middlewares: Sequence[Callable[..., Any]] = (),
+) -> Pyncette:
+    """A new ``Pyncette`` with ``app``'s tasks, fixtures and middlewares; ``app`` is left untouched."""
+    copy = Pyncette(
+        repository_factory=repository_factory or app._repository_factory,
+        executor_cls=app._executor_cls,
+        poll_interval=poll_interval or app._poll_interval,
+        **{**app._configuration, **(configuration or {})},
+    )
+    copy._tasks = list(app._tasks)
+    overrides = fixtures or {}
+    copy._fixtures = [(name, overrides.get(name, factory)) for name, factory in app._fixtures]
+    copy._middlewares = [*middlewares, *app._middlewares]
+    return copy
+
+
+def _fixture_override(name: str, value: Any) -> Callable[..., contextlib.AbstractAsyncContextManager[Any]]:
+    """A fixture factory yielding ``value``, or wrapping an async generator function."""
+    if inspect.isasyncgenfunction(value):
+        takes_context = len(inspect.signature(value).parameters) > 0
+        generator = contextlib.asynccontextmanager(value)
+
+        def from_generator(app_context: PyncetteContext) -> contextlib.AbstractAsyncContextManager[Any]:
+            return generator(app_context) if takes_context else generator()
+
+        return from_generator
+
+    @contextlib.asynccontextmanager
+    async def constant(app_context: PyncetteContext) -> AsyncIterator[Any]:
+        yield value
+
+    return constant
+
+
+def _template_name(task: Task) -> str | None:
+    parent = task.parent_task
+    return None if parent is None else parent.name
+
+
+def _root_name(task: Task) -> str:
+    """The name under which ``task`` (static, template, partition or instance) is defined in the app."""
+    while task.parent_task is not None:
+        task = task.parent_task
+    return task.name
+
+
+# -- the repository boundary ----------------------------------------------------------------------------
+
+
+class _SimulationRepository(_RepositoryProxy):
+    """What each worker's Pyncette talks to: the backend's repository, seen through the simulation."""
+
+    def __init__(self, inner: Repository, simulation: Simulation, worker: str) -> None:
+        super().__init__(inner)
+        self._simulation = simulation
+        self._worker = worker
+
+
+# -- workers ------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """One process of the simulated cluster: a ``PyncetteContext`` running ``run()``."""
+
+    def __init__(self, simulation: Simulation, name: str, source: Pyncette | None) -> None:
+        self._simulation = simulation
+        self.name = name
+        self._source = source  # None: the simulated app, with its inline definitions
+        self._app: Pyncette | None = None
+        self._context: PyncetteContext | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._created: asyncio.Future[None] | None = None
+        self._go: asyncio.Future[None] | None = None
+        self._shut_down_before_start = False
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else ("stopped" if self.stopped else "idle")
+        return f"<Worker {self.name} {state}>"
+
+    @property
+    def app(self) -> Pyncette:
+        """This worker's private copy of the app (made when it starts, with every definition so far)."""
+        if self._app is None:
+            self._app = self._simulation._worker_app(self.name, self._source)
+        return self._app
+
+    @property
+    def context(self) -> PyncetteContext:
+        """This worker's ``PyncetteContext`` (once the simulation has started)."""
+        if self._context is None:
+            raise RuntimeError(f"worker {self.name} has not started yet; move time or await sim.start() first")
+        return self._context
+
+    @property
+    def running(self) -> bool:
+        """Its poll loop runs (it was started and has not shut down)."""
+        return self._go is not None and self._go.done() and not self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """It has shut down (or was shut down before it ever started)."""
+        return self._shut_down_before_start or (self._task is not None and self._task.done())
+
+    async def _create(self) -> None:
+        if self._shut_down_before_start:
+            return
+        if self._task is None:
+            loop = asyncio.get_running_loop()
+            self._created = loop.create_future()
+            self._go = loop.create_future()
+            self._task = loop.create_task(self._main(), name=f"pyncette worker {self.name}")
+        assert self._created is not None
+        await asyncio.shield(self._created)
+
+    def _start(self) -> None:
+        if self._go is not None and not self._go.done():
+            self._go.set_result(None)
+
+    async def _main(self) -> None:
+        assert self._created is not None and self._go is not None
+        try:
+            async with self.app.create() as context:
+                for key, value in self._simulation._context_items.items():
+                    context.add_to_context(key, value)
+                self._context = context
+                self._created.set_result(None)
+                await self._go
+                if not context._shutting_down.is_set():
+                    await context.run()
+        except BaseException as error:
+            if not self._created.done():
+                self._created.set_exception(error)
+                return
+            raise
+
+    async def shutdown(self) -> None:
+        """Graceful shutdown, as on SIGINT: stop polling, let running executions finish."""
+        if self._task is None:
+            self._shut_down_before_start = True
+            return
+        if self._context is not None:
+            self._context.shutdown()
+        self._start()
+        await self._simulation._wait_for_workers([self])
+
+
+# -- the simulation ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSummary:
+    """Per-task figures of a simulation run."""
+
+    task: str
+    runs: int
+    succeeded: int
+    failed: int
+    first_start: datetime.datetime | None
+    last_start: datetime.datetime | None
+    worst_lateness: datetime.timedelta
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationReport:
+    """What a finished simulation did: the journal and a per-task summary."""
+
+    start: datetime.datetime
+    end: datetime.datetime
+    executions: list[Execution]
+    summary: dict[str, TaskSummary]
+
+    def timeline(self, limit: int = 50) -> str:
+        return render_timeline(self.executions, limit=limit)
+
+
+def summarize(executions: Iterable[Execution]) -> dict[str, TaskSummary]:
+    grouped: dict[str, list[Execution]] = {}
+    for execution in executions:
+        grouped.setdefault(execution.task, []).append(execution)
+    return {
+        name: TaskSummary(
+            task=name,
+            runs=len(runs),
+            succeeded=sum(run.outcome is Outcome.SUCCEEDED for run in runs),
+            failed=sum(run.outcome is Outcome.FAILED for run in runs),
+            first_start=min(run.started_at for run in runs),
+            last_start=max(run.started_at for run in runs),
+            worst_lateness=max(run.lateness for run in runs),
+        )
+        for name, runs in sorted(grouped.items())
+    }
+
+
+class Simulation:
+    """Run a Pyncette app (or inline tasks) on an in-memory store under virtual time.
+
+    ``async with Simulation(app, start=..., poll_interval=None, backend=memory_repository,
+    store=None, seed=0, **config_overrides) as sim:`` — then move time with :meth:`advance` and
+    read what happened with :meth:`executions` and :meth:`assert_executed`.
+    """
+
+    def __init__(
+        self,
+        app: Pyncette | None = None,
+        *,
+        start: datetime.datetime | str | None = None,
+        poll_interval: Duration | None = None,
+        backend: RepositoryFactory = memory_repository,
+        store: InMemoryStore | None = None,
+        seed: int = 0,
+        workers: int = 1,
+        context_items: Mapping[str, Any] | None = None,
+        shutdown_timeout: Duration = datetime.timedelta(days=1),
+        **config_overrides: Any,
+    ) -> None:
+        if app is not None and not isinstance(app, Pyncette):
+            raise TypeError(f"app must be a Pyncette app or None, got {type(app).__name__}")
+        if store is not None and not isinstance(store, InMemoryStore):
+            raise TypeError(f"store must be an InMemoryStore, got {type(store).__name__}")
+        if not callable(backend):
+            raise TypeError(f"backend must be a Pyncette repository factory, got {backend!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self._start_request = None if start is None else to_utc(start, what="start")
+        self._poll_interval = (
+            None if poll_interval is None else datetime.timedelta(seconds=to_seconds(poll_interval, what="poll_interval"))
+        )
+        if self._poll_interval is not None and self._poll_interval <= datetime.timedelta(0):
+            raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
+        self._shutdown_timeout = to_seconds(shutdown_timeout, what="shutdown_timeout")
+        self._backend = backend
+        self._is_memory = backend is memory_repository
+        self._store = store if store is not None else InMemoryStore()
+        self._seed = seed
+        self.random = random.Random(seed)
+        self._initial_workers = workers
+        self._context_items = dict(context_items or {})
+        self._config = dict(config_overrides)
+        self._template = _copy_app(app if app is not None else Pyncette())
+        self._fixture_overrides: dict[str, Callable[..., Any]] = {}
+        self._journal = Journal()
+        self._workers: list[Worker] = []
+        self._clock: VirtualClock | None = None
+        self._owns_clock = False
+        self._state = "new"  # new -> entered -> started -> ended
+
+    def __repr__(self) -> str:
+        when = f" at {self.now.isoformat()}" if self._clock is not None and self._state != "ended" else ""
+        return f"<Simulation {self._state}{when}: {len(self._workers)} worker(s), {len(self._journal.entries)} execution(s)>"
+
+    # -- inline definitions (before the simulation starts) -------------------------------------
+
+    def task(self, **kwargs: Any) -> Callable[[Any], Task]:
+        """Define a static task, like ``Pyncette.task``."""
+        self._check_definable("define a task")
+        return self._template.task(**kwargs)
+
+    def dynamic_task(self, **kwargs: Any) -> Callable[[Any], Task]:
+        """Define a dynamic task template, like ``Pyncette.dynamic_task``."""
+        self._check_definable("define a dynamic task")
+        return self._template.dynamic_task(**kwargs)
+
+    def partitioned_task(self, **kwargs: Any) -> Callable[[Any], PartitionedTask]:
+        """Define a partitioned dynamic task, like ``Pyncette.partitioned_task``."""
+        self._check_definable("define a partitioned task")
+        return self._template.partitioned_task(**kwargs)
+
+    def fixture(self, name: str | None = None) -> Callable[[T], T]:
+        """Define a fixture, like ``Pyncette.fixture``."""
+        self._check_definable("define a fixture")
+        return self._template.fixture(name)  # type: ignore[return-value]
+
+    def middleware(self, func: T) -> T:
+        """Add a middleware, like ``Pyncette.middleware``."""
+        self._check_definable("add a middleware")
+        return self._template.middleware(func)  # type: ignore[arg-type,return-value]
+
+    def override_fixture(self, name: str, value: Any) -> None:
+        """Give tasks ``value`` (or what an async generator function yields) instead of the app's fixture."""
+        self._check_definable("override a fixture")
+        known = [fixture_name for fixture_name, _ in self._template._fixtures]
+        if name not in known:
+            raise KeyError(f"unknown fixture {name!r}; the app defines: {', '.join(known) or 'no fixtures'}")
+        self._fixture_overrides[name] = _fixture_override(name, value)
+
+    def _check_definable(self, action: str) -> None:
+        if self._state in ("started", "ended"):
+            raise RuntimeError(
+                f"cannot {action}: the simulation has already {self._state}; define everything before time first moves"
+            )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Simulation:
+        if self._state != "new":
+            raise RuntimeError("a Simulation can be entered only once; create a new one")
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, VirtualTimeLoop):
+            raise RuntimeError(
+                f"Simulation needs a VirtualTimeLoop, but this code runs on a {type(loop).__name__}: mark the test "
+                "with @pytest.mark.pyncette, take the pyncette_app fixture, or call simulate() from synchronous code"
+            )
+        clock = active_clock(loop)
+        if clock is None:
+            clock = VirtualClock(self._start_request, loop=loop)
+            clock.__enter__()
+            self._owns_clock = True
+        elif self._start_request is not None and self._start_request != clock.now():
+            clock._restart_at(self._start_request)
+        self._clock = clock
+        self._state = "entered"
+        for _ in range(self._initial_workers):
+            self._add_worker_object(None, None)
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Set up every worker's context (fixtures included) and start their poll loops."""
+        self._check_usable()
+        await self._ensure_created()
+        if self._state == "entered":
+            self._state = "started"
+        for worker in self._workers:
+            worker._start()
+
+    async def shutdown(self) -> None:
+        """Shut every worker down gracefully and wait for running executions (idempotent)."""
+        if self._state in ("new", "ended"):
+            return
+        try:
+            for worker in self._workers:
+                if worker._context is not None:
+                    worker._context.shutdown()
+                worker._start()
+            await self._wait_for_workers(self._workers)
+        finally:
+            self._state = "ended"
+            self._journal.release_frames()
+            if self._owns_clock and self._clock is not None:
+                self._clock.__exit__(None, None, None)
+
+    async def _wait_for_workers(self, workers: Sequence[Worker]) -> None:
+        tasks = [worker._task for worker in workers if worker._task is not None]
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=self._shutdown_timeout)
+        if pending:
+            running = [entry for entry in self._journal.entries if entry.outcome is Outcome.RUNNING]
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+            raise SimulationStalled(
+                f"shutdown waited {datetime.timedelta(seconds=self._shutdown_timeout)} of virtual time "
+                "(shutdown_timeout) for running executions that never finished:\n"
+                + render_timeline([entry.freeze() for entry in running])
+                + "\n"
+                + "\n".join(f"  - {describe_task(task)}" for task in pending)
+            )
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _ensure_created(self) -> None:
+        for worker in self._workers:
+            await worker._create()
+
+    async def _ensure_running(self) -> None:
+        self._check_usable()
+        if self._state != "started" or any(not worker.running and not worker.stopped for worker in self._workers):
+            await self.start()
+
+    def _check_usable(self) -> None:
+        if self._state == "new":
+            raise RuntimeError("use the simulation inside `async with Simulation(...) as sim:` (or the pyncette_app fixture)")
+        if self._state == "ended":
+            raise RuntimeError("this simulation has ended (its `async with` block or test is over); start a new one")
+
+    # -- workers --------------------------------------------------------------------------------
+
+    @property
+    def workers(self) -> tuple[Worker, ...]:
+        return tuple(self._workers)
+
+    def worker(self, name: str) -> Worker:
+        """The worker called ``name``."""
+        for worker in self._workers:
+            if worker.name == name:
+                return worker
+        raise KeyError(f"unknown worker {name!r}; workers: {', '.join(w.name for w in self._workers)}")
+
+    async def add_worker(self, name: str | None = None, app: Pyncette | None = None) -> Worker:
+        """Add a process to the cluster: a copy of ``app`` (default: the simulated app) on the same store.
+
+        It starts at once if the simulation is running.
+        """
+        self._check_usable()
+        worker = self._add_worker_object(name, app)
+        if self._state == "started":
+            await worker._create()
+            worker._start()
+        return worker
+
+    def _add_worker_object(self, name: str | None, app: Pyncette | None) -> Worker:
+        if app is not None and not isinstance(app, Pyncette):
+            raise TypeError(f"app must be a Pyncette app, got {type(app).__name__}")
+        name = name if name is not None else f"w{len(self._workers) + 1}"
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"worker name must be a non-empty string, got {name!r}")
+        if any(worker.name == name for worker in self._workers):
+            raise ValueError(f"there is already a worker called {name!r}")
+        worker = Worker(self, name, app)
+        self._workers.append(worker)
+        return worker
+
+    def _worker_app(self, name: str, source: Pyncette | None) -> Pyncette:
+        return _copy_app(
+            self._template if source is None else source,
+            repository_factory=self._repository_factory(name),
+            poll_interval=self._poll_interval,
+            configuration={**self._config, "memory_store": self._store} if self._is_memory else self._config,
+            fixtures=self._fixture_overrides,
+            middlewares=[self._recording_middleware(name)],
+        )
+
+    def _repository_factory(self, worker: str) -> RepositoryFactory:
+        backend = self._backend if self._is_memory else track_io(self._backend)
+        simulation = self
+
+        @contextlib.asynccontextmanager
+        async def factory(**config: Any) -> AsyncIterator[Repository]:
+            async with backend(**config) as repository:
+                yield _SimulationRepository(repository, simulation, worker)
+
+        return factory
+
+    def _primary(self) -> Worker:
+        for worker in self._workers:
+            if worker._context is not None and not worker.stopped:
+                return worker
+        raise RuntimeError("no worker is running: every worker has shut down")
+
+    # -- the journal ------------------------------------------------------------------------------
+
+    def _recording_middleware(self, worker: str) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:
+        journal = self._journal
+
+        async def record_execution(context: Context, next: Callable[[], Awaitable[None]]) -> None:
+            task = context.task
+            entry = journal.begin(
+                task=task.canonical_name,
+                template=_template_name(task),
+                instance=task.name if task.parent_task is not None else None,
+                worker=worker,
+                scheduled_at=context.scheduled_at.astimezone(datetime.timezone.utc),
+                started_at=self.now,
+                args=dict(context.args),
+            )
+            try:
+                await next()
+            except asyncio.CancelledError:
+                entry.finish(Outcome.CANCELLED, self.now)
+                raise
+            except BaseException as error:
+                entry.finish(Outcome.FAILED, self.now, error)
+                raise
+            entry.finish(Outcome.SUCCEEDED, self.now)
+
+        return record_execution
+
+    def executions(
+        self,
+        task: TaskRef | None = None,
+        *,
+        instance: str | None = None,
+        worker: str | None = None,
+        outcome: Outcome | None = None,
+    ) -> list[Execution]:
+        """Executions in start order, filtered by task (a ``Task`` or a name), instance, worker, outcome."""
+        return [entry.freeze() for entry in self._select(task, instance=instance, worker=worker, outcome=outcome)]
+
+    def _select(
+        self,
+        task: TaskRef | None,
+        *,
+        instance: str | None = None,
+        worker: str | None = None,
+        outcome: Outcome | None = None,
+    ) -> list[_Entry]:
+        matches = self._task_matcher(task) if task is not None else None
+        if worker is not None and not any(w.name == worker for w in self._workers):
+            raise KeyError(f"unknown worker {worker!r}; workers: {', '.join(w.name for w in self._workers)}")
+        if outcome is not None and not isinstance(outcome, Outcome):
+            raise TypeError(f"outcome must be an Outcome, e.g. Outcome.FAILED, got {outcome!r}")
+        return [
+            entry
+            for entry in self._journal.entries
+            if (matches is None or matches(entry))
+            and (instance is None or entry.instance == instance)
+            and (worker is None or entry.worker == worker)
+            and (outcome is None or entry.outcome is outcome)
+        ]
+
+    def _known_names(self) -> set[str]:
+        names = {task.name for task in self._template._tasks}
+        for worker in self._workers:
+            if worker._source is not None:
+                names.update(task.name for task in worker._source._tasks)
+        return names
+
+    def _task_matcher(self, task: TaskRef) -> Callable[[_Entry], bool]:
+        known = self._known_names()
+        if isinstance(task, str):
+            root = task.split(":", 1)[0]
+            if task not in known and root not in known and not any(entry.task == task for entry in self._journal.entries):
+                raise ValueError(f"unknown task {task!r}; the simulation runs: {', '.join(sorted(known)) or 'no tasks'}")
+            return lambda entry: entry.task == task or entry.template == task
+        if not isinstance(task, Task):
+            raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}")
+        if _root_name(task) not in known:
+            raise ValueError(
+                f"unknown task {task.canonical_name!r}: it is not part of the simulated app; "
+                f"the simulation runs: {', '.join(sorted(known)) or 'no tasks'}"
+            )
+        if task.parent_task is not None:
+            canonical = task.canonical_name
+            return lambda entry: entry.task == canonical
+        if isinstance(task, _TaskPartition):
+            prefix = task.canonical_name + ":"
+            return lambda entry: entry.task.startswith(prefix)
+        if task.dynamic:
+            name = task.name
+            return lambda entry: entry.template == name
+        canonical = task.canonical_name
+        return lambda entry: entry.template is None and entry.task == canonical
+
+    def assert_executed(
+        self,
+        task: TaskRef,
+        times: int | None = None,
+        *,
+        outcome: Outcome | None = None,
+        at: datetime.datetime | Iterable[datetime.datetime] | None = None,
+    ) -> list[Execution]:
+        """Assert how often ``task`` ran (with ``outcome``, starting at ``at``); returns those executions.
+
+        Without ``times``, at least one must match. The ``AssertionError`` shows the task's timeline.
+        """
+        if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 0):
+            raise ValueError(f"times must be a non-negative int, got {times!r}")
+        every = self._select(task)
+        selected = [entry for entry in every if outcome is None or entry.outcome is outcome]
+        instants: set[datetime.datetime] | None = None
+        if at is not None:
+            instants = {to_utc(at, what="at")} if isinstance(at, (datetime.datetime, str)) else {to_utc(x, what="at") for x in at}
+            selected = [entry for entry in selected if entry.started_at in instants]
+        ok = len(selected) == times if times is not None else bool(selected)
+        if not ok:
+            label = task if isinstance(task, str) else task.canonical_name
+            wanted = f"exactly {times}" if times is not None else "at least one"
+            conditions = []
+            if outcome is not None:
+                conditions.append(f"outcome {outcome.value}")
+            if instants is not None:
+                conditions.append("started at " + ", ".join(sorted(i.isoformat() for i in instants)))
+            condition = f" with {' and '.join(conditions)}" if conditions else ""
+            raise AssertionError(
+                f"expected {wanted} execution(s) of {label!r}{condition}, found {len(selected)} "
+                f"(of {len(every)} in all, at {self.now.isoformat()}).\nTimeline of {label!r}:\n"
+                + render_timeline([entry.freeze() for entry in every])
+            )
+        return [entry.freeze() for entry in selected]
+
+    def timeline(self, task: TaskRef | None = None, *, limit: int = 50) -> str:
+        """The journal (or one task's part of it) as a readable table."""
+        return render_timeline(self.executions(task), limit=limit)
+
+    def report(self) -> SimulationReport:
+        executions = self.executions()
+        return SimulationReport(
+            start=self.clock.start if self._clock is not None else datetime.datetime.min,
+            end=self.now,
+            executions=executions,
+            summary=summarize(executions),
+        )
+
+    # -- time -------------------------------------------------------------------------------------
+
+    @property
+    def clock(self) -> VirtualClock:
+        if self._clock is None:
+            raise RuntimeError("the simulation has no clock before `async with Simulation(...)` is entered")
+        return self._clock
+
+    @property
+    def now(self) -> datetime.datetime:
+        """The current virtual instant (aware UTC)."""
+        return self.clock.now()
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def store(self) -> InMemoryStore:
+        """The shared in-memory store (when the backend is the in-memory one)."""
+        if not self._is_memory:
+            raise RuntimeError("this simulation runs on another backend; there is no in-memory store")
+        return self._store
+
+    async def advance(self, delta: Duration | None = None, /, **timedelta_kwargs: float) -> None:
+        """Run the cluster for ``delta`` (a timedelta, seconds, or keywords like ``days=2``) of virtual time."""
+        seconds = _duration(delta, timedelta_kwargs, "advance()")
+        await self._ensure_running()
+        await self.clock.advance(seconds)
+
+    async def advance_to(self, when: datetime.datetime | str) -> None:
+        """Run the cluster up to the aware instant ``when``."""
+        target = to_utc(when, what="advance_to() instant")
+        await self._ensure_running()
+        await self.clock.advance_to(target)
+
+    async def run_until(
+        self, predicate: Callable[[Simulation], bool], *, timeout: Duration = datetime.timedelta(days=1)
+    ) -> None:
+        """Run until ``predicate(sim)`` holds at an idle instant; ``TimeoutError`` (with the timeline)
+        if it does not within ``timeout`` of virtual time."""
+        if not callable(predicate):
+            raise TypeError(f"predicate must be a callable taking the simulation, got {predicate!r}")
+        seconds = to_seconds(timeout, what="run_until() timeout")
+        await self._ensure_running()
+        loop = self.clock.loop
+        held = await loop._wait_idle(loop.time() + seconds, condition=lambda: bool(predicate(self)))
+        if not held:
+            raise TimeoutError(
+                f"run_until: the condition did not hold within {datetime.timedelta(seconds=seconds)} of virtual time "
+                f"(now {self.now.isoformat()}).\nTimeline:\n{self.timeline()}"
+            )
+
+    async def run_until_executed(
+        self, task: TaskRef, times: int = 1, *, timeout: Duration = datetime.timedelta(days=1)
+    ) -> list[Execution]:
+        """Run until ``task`` has finished ``times`` more executions; returns them."""
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ValueError(f"times must be a positive int, got {times!r}")
+        matches = self._task_matcher(task)
+        before = len(self._journal.entries)
+
+        def finished() -> list[_Entry]:
+            return [
+                entry
+                for entry in self._journal.entries[before:]
+                if matches(entry) and entry.outcome is not Outcome.RUNNING
+            ]
+
+        try:
+            await self.run_until(lambda _: len(finished()) >= times, timeout=timeout)
+        except TimeoutError:
+            label = task if isinstance(task, str) else task.canonical_name
+            raise TimeoutError(
+                f"{label!r} finished {len(finished())} of {times} execution(s) within {timeout} of virtual time "
+                f"(now {self.now.isoformat()}).\nTimeline of {label!r}:\n{self.timeline(task)}"
+            ) from None
+        return [entry.freeze() for entry in finished()[:times]]
+
+    # -- dynamic tasks and queries, through the primary worker -------------------------------------
+
+    @property
+    def context(self) -> PyncetteContext:
+        """The primary worker's ``PyncetteContext`` (once started)."""
+        self._check_usable()
+        return self._primary().context
+
+    async def _primary_context(self) -> PyncetteContext:
+        self._check_usable()
+        await self._ensure_created()
+        if self._state == "entered":
+            self._state = "started"
+        return self._primary().context
+
+    async def schedule_task(self, task: Task, instance_name: str, *, force: bool = False, **kwargs: Any) -> Task:
+        """Schedule a dynamic task instance (``PyncetteContext.schedule_task``)."""
+        self._check_task(task, "schedule_task")
+        context = await self._primary_context()
+        return await context.schedule_task(task, instance_name, force=force, **kwargs)
+
+    async def unschedule_task(self, task: Task, instance_name: str | None = None) -> None:
+        """Remove a dynamic task instance (``PyncetteContext.unschedule_task``)."""
+        self._check_task(task, "unschedule_task")
+        context = await self._primary_context()
+        await context.unschedule_task(task, instance_name)
+
+    async def get_task(self, task: Task, instance_name: str | None = None) -> TaskState | None:
+        """The stored state of a task or instance (``PyncetteContext.get_task``)."""
+        self._check_task(task, "get_task")
+        context = await self._primary_context()
+        return await context.get_task(task, instance_name)
+
+    async def list_tasks(self, task: Task, limit: int | None = None, continuation_token: Any = None) -> ListTasksResponse:
+        """A page of a dynamic task's instances (``PyncetteContext.list_tasks``)."""
+        self._check_task(task, "list_tasks")
+        context = await self._primary_context()
+        return await context.list_tasks(task, limit, continuation_token)
+
+    def _check_task(self, task: Any, method: str) -> None:
+        if not isinstance(task, Task):
+            raise TypeError(f"{method}() takes a Task (the decorated function), got {type(task).__name__}")
+        self._task_matcher(task)
+
+
+async def _run_simulation(app: Pyncette | None, seconds: float, options: dict[str, Any]) -> SimulationReport:
+    async with Simulation(app, **options) as sim:
+        await sim.advance(seconds)
+    return sim.report()
+
+
+def simulate(
+    app: Pyncette | None,
+    duration: Duration,
+    *,
+    start: datetime.datetime | str | None = None,
+    workers: int = 1,
+    seed: int = 0,
+    **options: Any,
+) -> SimulationReport:
+    """Run ``app`` for ``duration`` of virtual time on its own loop and report what it did.
+
+    For scripts, synchronous tests and the command line; ``options`` are ``Simulation`` keywords.
+    """
+    seconds = to_seconds(duration, what="duration")
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "simulate() runs its own event loop and cannot be called from async code; "
+            "use `async with Simulation(app) as sim: await sim.advance(...)` instead"
+        )
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(
+            _run_simulation(app, seconds, {"start": start, "workers": workers, "seed": seed, **options})
+        )
+    finally:
+        _close_loop(loop)
+
+
+def _close_loop(loop: VirtualTimeLoop) -> None:
+    try:
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+    finally:
+        loop.close()
