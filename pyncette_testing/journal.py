@@ -56,7 +56,7 @@ class Execution:
         error = f" {type(self.error).__name__}: {self.error}" if self.error is not None else ""
         return (
             f"{self.task} on {self.worker}: scheduled {_instant(self.scheduled_at)}, "
-            f"ran {_instant(self.started_at)}–{finished}, {self.outcome.value}{error}"
+            f"ran {_instant(self.started_at)} to {finished}, {self.outcome.value}{error}"
         )
 
 
@@ -189,7 +189,10 @@ def render_timeline(executions: Sequence[Execution] | Iterable[Execution], *, li
             )
         )
     widths = [max(len(row[column]) for row in table) for column in range(len(header) - 1)]
-    lines = ["    " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in table]
+    lines = [
+        "    " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
+        for row in table
+    ]
     if len(rows) > limit:
         lines.append(f"    ... and {len(rows) - limit} more")
     return "\n".join(line.rstrip() for line in lines)

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-
 from pyncette import Pyncette
 
 from .clock import VirtualClock, default_start, stop_active_clocks, to_utc
@@ -194,6 +193,8 @@ async def pyncette_app(
 
 def _require_async_test(request: pytest.FixtureRequest, fixture: str) -> None:
     if not inspect.iscoroutinefunction(getattr(request, "function", None)):
+        requested = [name for name in request.fixturenames if name.startswith(_FIXTURE_PREFIX)]
+        fixture = "pyncette_app" if "pyncette_app" in requested else fixture
         pytest.fail(
             f"{fixture} runs on virtual time and needs an async test (async def); "
             "from synchronous code use pyncette_testing.simulate()",

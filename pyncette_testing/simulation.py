@@ -119,6 +119,39 @@ class _SimulationRepository(_RepositoryProxy):
         self._worker = worker
 
 
+# -- the journal's middleware ---------------------------------------------------------------------
+
+
+def _recording_middleware(
+    journal: Journal, clock: VirtualClock, worker: str
+) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:
+    """The first middleware of every worker: journals each execution. It closes over the journal
+    and the clock only, so that tracebacks kept in the journal never keep a simulation alive."""
+
+    async def record_execution(context: Context, next: Callable[[], Awaitable[None]]) -> None:
+        task = context.task
+        entry = journal.begin(
+            task=task.canonical_name,
+            template=_template_name(task),
+            instance=task.name if task.parent_task is not None else None,
+            worker=worker,
+            scheduled_at=context.scheduled_at.astimezone(datetime.timezone.utc),
+            started_at=clock.now(),
+            args=dict(context.args),
+        )
+        try:
+            await next()
+        except asyncio.CancelledError:
+            entry.finish(Outcome.CANCELLED, clock.now())
+            raise
+        except BaseException as error:
+            entry.finish(Outcome.FAILED, clock.now(), error)
+            raise
+        entry.finish(Outcome.SUCCEEDED, clock.now())
+
+    return record_execution
+
+
 # -- workers ------------------------------------------------------------------------------------------
 
 
@@ -288,7 +321,9 @@ class Simulation:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         self._start_request = None if start is None else to_utc(start, what="start")
         self._poll_interval = (
-            None if poll_interval is None else datetime.timedelta(seconds=to_seconds(poll_interval, what="poll_interval"))
+            None
+            if poll_interval is None
+            else datetime.timedelta(seconds=to_seconds(poll_interval, what="poll_interval"))
         )
         if self._poll_interval is not None and self._poll_interval <= datetime.timedelta(0):
             raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
@@ -438,7 +473,9 @@ class Simulation:
 
     def _check_usable(self) -> None:
         if self._state == "new":
-            raise RuntimeError("use the simulation inside `async with Simulation(...) as sim:` (or the pyncette_app fixture)")
+            raise RuntimeError(
+                "use the simulation inside `async with Simulation(...) as sim:` (or the pyncette_app fixture)"
+            )
         if self._state == "ended":
             raise RuntimeError("this simulation has ended (its `async with` block or test is over); start a new one")
 
@@ -501,6 +538,8 @@ class Simulation:
         return factory
 
     def _primary(self) -> Worker:
+        if all(worker._context is None for worker in self._workers):
+            raise RuntimeError("the simulation has not started yet; move time or await sim.start() first")
         for worker in self._workers:
             if worker._context is not None and not worker.stopped:
                 return worker
@@ -509,30 +548,7 @@ class Simulation:
     # -- the journal ------------------------------------------------------------------------------
 
     def _recording_middleware(self, worker: str) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:
-        journal = self._journal
-
-        async def record_execution(context: Context, next: Callable[[], Awaitable[None]]) -> None:
-            task = context.task
-            entry = journal.begin(
-                task=task.canonical_name,
-                template=_template_name(task),
-                instance=task.name if task.parent_task is not None else None,
-                worker=worker,
-                scheduled_at=context.scheduled_at.astimezone(datetime.timezone.utc),
-                started_at=self.now,
-                args=dict(context.args),
-            )
-            try:
-                await next()
-            except asyncio.CancelledError:
-                entry.finish(Outcome.CANCELLED, self.now)
-                raise
-            except BaseException as error:
-                entry.finish(Outcome.FAILED, self.now, error)
-                raise
-            entry.finish(Outcome.SUCCEEDED, self.now)
-
-        return record_execution
+        return _recording_middleware(self._journal, self.clock, worker)
 
     def executions(
         self,
@@ -578,8 +594,14 @@ class Simulation:
         known = self._known_names()
         if isinstance(task, str):
             root = task.split(":", 1)[0]
-            if task not in known and root not in known and not any(entry.task == task for entry in self._journal.entries):
-                raise ValueError(f"unknown task {task!r}; the simulation runs: {', '.join(sorted(known)) or 'no tasks'}")
+            if (
+                task not in known
+                and root not in known
+                and not any(entry.task == task for entry in self._journal.entries)
+            ):
+                raise ValueError(
+                    f"unknown task {task!r}; the simulation runs: {', '.join(sorted(known)) or 'no tasks'}"
+                )
             return lambda entry: entry.task == task or entry.template == task
         if not isinstance(task, Task):
             raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}")
@@ -618,7 +640,11 @@ class Simulation:
         selected = [entry for entry in every if outcome is None or entry.outcome is outcome]
         instants: set[datetime.datetime] | None = None
         if at is not None:
-            instants = {to_utc(at, what="at")} if isinstance(at, (datetime.datetime, str)) else {to_utc(x, what="at") for x in at}
+            instants = (
+                {to_utc(at, what="at")}
+                if isinstance(at, (datetime.datetime, str))
+                else {to_utc(x, what="at") for x in at}
+            )
             selected = [entry for entry in selected if entry.started_at in instants]
         ok = len(selected) == times if times is not None else bool(selected)
         if not ok:
@@ -762,7 +788,9 @@ class Simulation:
         context = await self._primary_context()
         return await context.get_task(task, instance_name)
 
-    async def list_tasks(self, task: Task, limit: int | None = None, continuation_token: Any = None) -> ListTasksResponse:
+    async def list_tasks(
+        self, task: Task, limit: int | None = None, continuation_token: Any = None
+    ) -> ListTasksResponse:
         """A page of a dynamic task's instances (``PyncetteContext.list_tasks``)."""
         self._check_task(task, "list_tasks")
         context = await self._primary_context()

@@ -25,7 +25,11 @@ async def test_a_message_is_delivered_at_its_instant_and_then_disappears(pyncett
     pyncette_app.override_fixture("webhooks", client)
 
     await queue.enqueue(
-        await _context(pyncette_app), "m1", "https://a.example/hook", {"id": 1}, at=START + datetime.timedelta(minutes=5)
+        await _context(pyncette_app),
+        "m1",
+        "https://a.example/hook",
+        {"id": 1},
+        at=START + datetime.timedelta(minutes=5),
     )
     await pyncette_app.advance(minutes=4, seconds=59)
     assert client.delivered == []
