@@ -77,6 +77,7 @@ class _LoopPerfCounter:
         except RuntimeError:
             return _time.perf_counter()
         if isinstance(loop, VirtualTimeLoop):
+            loop._on_perf_counter()
             return loop.time()
         return _time.perf_counter()
 

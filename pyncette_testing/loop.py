@@ -107,6 +107,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._waiter: _IdleWaiter | None = None
         self._time_listeners: list[Callable[[float], None]] = []
         self._clock: Any = None  # the VirtualClock active on this loop, set by the clock itself
+        # Idle-tick elision (see elision.py): Pyncette poll-loop tasks whose wait timers we track,
+        # the tick timers themselves, and the hook that may move them when the loop is idle.
+        self._tick_tasks: dict[asyncio.Task[Any], Any] = {}
+        self._tick_capture: asyncio.Task[Any] | None = None
+        self._tick_timers: dict[asyncio.TimerHandle, Any] = {}
+        self._idle_hook: Callable[[VirtualTimeLoop], None] | None = None
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -143,9 +149,27 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         timer = asyncio.TimerHandle(when, callback, args, self, context)
         heapq.heappush(self._timers, (when, next(self._sequence), timer))
         timer._scheduled = True  # type: ignore[attr-defined]
+        if self._tick_capture is not None and asyncio.current_task(self) is self._tick_capture:
+            # the first timer a poll loop creates after its tick: the wait until the next tick
+            self._tick_timers[timer] = self._tick_tasks.get(self._tick_capture)
+            self._tick_capture = None
         return timer
 
+    def _on_perf_counter(self) -> None:
+        """Pyncette read its tick clock: at the end of a tick, watch for its wait timer."""
+        if not self._tick_tasks:
+            return
+        task = asyncio.current_task(self)
+        state = self._tick_tasks.get(task) if task is not None else None
+        if state is None:
+            return
+        # Pyncette reads it at the start of a tick and again at its end, just before it waits.
+        state.in_tick = not state.in_tick
+        self._tick_capture = None if state.in_tick else task
+
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        if self._tick_timers:
+            self._tick_timers.pop(handle, None)
         if handle._scheduled:  # type: ignore[attr-defined]
             self._cancelled_timers += 1
             if self._cancelled_timers > 100 and self._cancelled_timers * 2 > len(self._timers):
@@ -167,9 +191,27 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         heapq.heappop(self._timers)
         when, _, handle = entry
         handle._scheduled = False  # type: ignore[attr-defined]
+        if self._tick_timers:
+            self._tick_timers.pop(handle, None)
         self._set_time(when)
         self._ready.append(handle)  # type: ignore[attr-defined]
         return True
+
+    def _only_tick_timers(self) -> bool:
+        if len(self._timers) - self._cancelled_timers > len(self._tick_timers):
+            return False
+        return all(handle in self._tick_timers for _, _, handle in self._timers if not handle.cancelled())
+
+    def _move_timers(self, moves: dict[asyncio.TimerHandle, float]) -> None:
+        """Move (not yet due) timers to new instants, keeping their scheduling order."""
+        entries = []
+        for when, sequence, handle in self._timers:
+            if handle in moves:
+                when = moves[handle]
+                handle._when = when  # type: ignore[attr-defined]
+            entries.append((when, sequence, handle))
+        heapq.heapify(entries)
+        self._timers = entries
 
     def _pending_timers(self) -> list[asyncio.TimerHandle]:
         return [handle for _, _, handle in sorted(self._timers) if not handle.cancelled()]
@@ -282,6 +324,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             )
         if self._condition_holds():
             return []
+        if self._idle_hook is not None and self._tick_timers and self._only_tick_timers():
+            self._idle_hook(self)
         waiter = self._waiter
         horizon = waiter.horizon if waiter is not None else math.inf
         if self._fire_next_timer(horizon) or self._resolve_waiter():
@@ -316,6 +360,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         if hasattr(self, "_timers"):
             self._timers.clear()
             self._time_listeners.clear()
+            self._tick_tasks.clear()
+            self._tick_timers.clear()
+            self._idle_hook = None
         super().close()
 
 

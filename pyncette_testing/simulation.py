@@ -23,6 +23,7 @@ from pyncette.repository import Repository, RepositoryFactory
 from pyncette.task import PartitionedTask, Task, _TaskPartition
 
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
+from .elision import TickElision
 from .errors import SimulationStalled
 from .io import track_io
 from .journal import Execution, Journal, Outcome, _Entry, render_timeline
@@ -168,6 +169,7 @@ class Worker:
         self._created: asyncio.Future[None] | None = None
         self._go: asyncio.Future[None] | None = None
         self._shut_down_before_start = False
+        self._poll_loop: Any = None  # its state for idle-tick elision
 
     def __repr__(self) -> str:
         state = "running" if self.running else ("stopped" if self.stopped else "idle")
@@ -205,6 +207,9 @@ class Worker:
             self._created = loop.create_future()
             self._go = loop.create_future()
             self._task = loop.create_task(self._main(), name=f"pyncette worker {self.name}")
+            elision = self._simulation._elision
+            if elision is not None:
+                self._poll_loop = elision.watch(self._task, self.app._poll_interval.total_seconds())
         assert self._created is not None
         await asyncio.shield(self._created)
 
@@ -219,6 +224,8 @@ class Worker:
                 for key, value in self._simulation._context_items.items():
                     context.add_to_context(key, value)
                 self._context = context
+                if self._poll_loop is not None:
+                    self._poll_loop.context = context
                 self._created.set_result(None)
                 await self._go
                 if not context._shutting_down.is_set():
@@ -307,6 +314,7 @@ class Simulation:
         workers: int = 1,
         context_items: Mapping[str, Any] | None = None,
         shutdown_timeout: Duration = datetime.timedelta(days=1),
+        elide_idle_ticks: bool = True,
         **config_overrides: Any,
     ) -> None:
         if app is not None and not isinstance(app, Pyncette):
@@ -342,6 +350,9 @@ class Simulation:
         self._workers: list[Worker] = []
         self._clock: VirtualClock | None = None
         self._owns_clock = False
+        # Idle ticks are skipped on the in-memory store, whose due times can be read directly.
+        self._elide = bool(elide_idle_ticks) and self._is_memory
+        self._elision: TickElision | None = None
         self._state = "new"  # new -> entered -> started -> ended
 
     def __repr__(self) -> str:
@@ -408,6 +419,8 @@ class Simulation:
         elif self._start_request is not None and self._start_request != clock.now():
             clock._restart_at(self._start_request)
         self._clock = clock
+        if self._elide:
+            self._elision = TickElision(loop, clock, self._store)
         self._state = "entered"
         for _ in range(self._initial_workers):
             self._add_worker_object(None, None)
@@ -437,6 +450,8 @@ class Simulation:
             await self._wait_for_workers(self._workers)
         finally:
             self._state = "ended"
+            if self._elision is not None:
+                self._elision.close()
             self._journal.release_frames()
             if self._owns_clock and self._clock is not None:
                 self._clock.__exit__(None, None, None)

@@ -1,0 +1,208 @@
+"""Idle-tick elision: a simulated year of a daily job costs its 365 executions, not 31 million ticks.
+
+Pyncette's poll loop ticks every ``poll_interval``. When the loop is idle and the only timers left
+are the workers' waits for their next tick, every tick until something can become due would poll,
+find every task pending or locked, and change nothing. So each worker's wait timer is moved
+straight to the first instant of its own tick grid at which one of its tasks can be due (its
+``execute_after``, or the expiry of a lease on it), and the observable traces of the skipped ticks
+are reproduced: the round-robin rotation of its task list and its ``last_tick``.
+
+Anything that makes ready work (a task body, a write by the test, another worker's commit) runs
+before the loop is idle again, so no write can ever fall inside a skipped stretch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import math
+import types
+from typing import Any
+
+import dateutil.tz
+from pyncette.pyncette import PyncetteContext
+from pyncette.task import Task
+
+from .clock import VirtualClock
+from .loop import VirtualTimeLoop
+from .store import InMemoryStore
+
+__all__ = ["TickElision"]
+
+_RUN_CODE = PyncetteContext.run.__code__
+
+
+class _PollLoop:
+    """One worker's Pyncette poll loop, as elision sees it."""
+
+    __slots__ = ("context", "poll_interval", "skew", "stretch", "task", "in_tick", "tasks")
+
+    def __init__(self, task: asyncio.Task[Any], poll_interval: float) -> None:
+        self.task = task
+        self.context: PyncetteContext | None = None
+        self.poll_interval = poll_interval
+        self.in_tick = False  # flipped by the loop on each of Pyncette's tick clock readings
+        self.tasks: collections.deque[Task] | None = None
+        self.skew = 0.0  # seconds this worker's clock is ahead (faults add it)
+        self.stretch: tuple[float, int] | None = None  # (first skipped tick, how many)
+
+    def task_list(self) -> collections.deque[Task] | None:
+        """Pyncette's own deque of enabled tasks, read from its suspended ``run()`` frame."""
+        if self.tasks is None:
+            coroutine: Any = self.task.get_coro()
+            while coroutine is not None:
+                frame = getattr(coroutine, "cr_frame", None)
+                if frame is not None and frame.f_code is _RUN_CODE:
+                    tasks = frame.f_locals.get("tasks")
+                    if isinstance(tasks, collections.deque):
+                        self.tasks = tasks
+                    break
+                awaited = getattr(coroutine, "cr_await", None)
+                coroutine = awaited if isinstance(awaited, (types.CoroutineType, types.GeneratorType)) else None
+        return self.tasks
+
+
+class TickElision:
+    """The loop's idle hook for one simulation: moves idle workers' tick timers ahead."""
+
+    def __init__(self, loop: VirtualTimeLoop, clock: VirtualClock, store: InMemoryStore) -> None:
+        self._loop = loop
+        self._clock = clock
+        self._store = store
+        self._start_us = _epoch_us(clock.start)
+        self.enabled = True
+        self.elided_ticks = 0
+        loop._idle_hook = self
+        loop._add_time_listener(self._follow_last_tick)
+
+    def close(self) -> None:
+        if self._loop._idle_hook is self:
+            self._loop._idle_hook = None
+        self._loop._remove_time_listener(self._follow_last_tick)
+
+    def watch(self, task: asyncio.Task[Any], poll_interval: float) -> _PollLoop:
+        """Track the poll loop that ``task`` runs (a worker's main task)."""
+        state = _PollLoop(task, poll_interval)
+        self._loop._tick_tasks[task] = state
+        task.add_done_callback(lambda done: self._loop._tick_tasks.pop(done, None))
+        return state
+
+    # -- the hook -----------------------------------------------------------------------------
+
+    def __call__(self, loop: VirtualTimeLoop) -> None:
+        if not self.enabled:
+            return
+        waiter = loop._waiter
+        horizon = waiter.horizon if waiter is not None else math.inf
+        moves: dict[asyncio.TimerHandle, float] = {}
+        for handle, state in loop._tick_timers.items():
+            if state is None or state.context is None or handle.cancelled() or state.stretch is not None:
+                continue
+            when = handle.when()
+            skipped = self._idle_ticks(state, when, horizon)
+            if skipped:
+                moves[handle] = _grid(when, state.poll_interval, skipped)
+                tasks = state.task_list()
+                if tasks:
+                    tasks.rotate(skipped)
+                state.stretch = (when, skipped)
+                self.elided_ticks += skipped
+        if moves:
+            loop._move_timers(moves)
+
+    def _idle_ticks(self, state: _PollLoop, when: float, horizon: float) -> int:
+        """How many ticks from ``when`` on would find nothing to do (and can be skipped)."""
+        tasks = state.task_list()
+        if tasks is None:
+            return 0
+        due = self._next_due(tasks)
+        if due is None:
+            return 0
+        period = state.poll_interval
+        if math.isinf(due):
+            if math.isinf(horizon) or when > horizon:
+                return 0
+            return math.floor((horizon - when) / period) + 1  # up to the first tick after the horizon
+        # ticks at when + k * period; the first one whose "now" reaches `due`
+        estimate = max(0, math.ceil((self._loop_time_of(due, state) - when) / period))
+        skipped = estimate
+        while skipped > 0 and self._wall(_grid(when, period, skipped - 1), state) >= due:
+            skipped -= 1
+        while self._wall(_grid(when, period, skipped), state) < due:
+            skipped += 1
+        if not math.isinf(horizon) and _grid(when, period, skipped) > horizon:
+            skipped = max(0, math.floor((horizon - when) / period) + 1) if when <= horizon else 0
+        return skipped
+
+    def _next_due(self, tasks: collections.deque[Task]) -> float | None:
+        """The earliest timestamp at which a poll of one of ``tasks`` can find work; ``inf`` if
+        none ever can, ``None`` if the next tick must run (a static task not yet in the store)."""
+        store = self._store
+        earliest = math.inf
+        for task in tasks:
+            if task.dynamic:
+                index = store._due.get(task.canonical_name)
+                if index:
+                    earliest = min(earliest, index[0][0][0])
+                continue
+            row = store._row(task.canonical_name)
+            if row is None or row.execute_after is None:
+                return None
+            earliest = min(earliest, max(row.locked_until or 0.0, row.execute_after))
+        return earliest
+
+    # -- time conversions: the same arithmetic as the clock's -------------------------------------
+
+    def _wall(self, loop_time: float, state: _PollLoop) -> float:
+        """The timestamp a worker passes to the repository at ``loop_time``."""
+        microseconds = self._start_us + round((loop_time - self._clock._origin) * 1_000_000)
+        return microseconds / 1_000_000 + state.skew
+
+    def _loop_time_of(self, timestamp: float, state: _PollLoop) -> float:
+        return self._clock._origin + (timestamp - state.skew) - self._start_us / 1_000_000
+
+    # -- last_tick, as if every tick had happened ---------------------------------------------------
+
+    def _follow_last_tick(self, loop_time: float) -> None:
+        for state in self._loop._tick_tasks.values():
+            if state.stretch is None:
+                continue
+            first, count = state.stretch
+            if loop_time < first:
+                continue
+            done = min(count, math.floor((loop_time - first) / state.poll_interval) + 1)
+            last = _grid(first, state.poll_interval, done - 1)
+            microseconds = self._start_us + round((last - self._clock._origin) * 1_000_000)
+            if state.context is not None:
+                state.context._last_tick = _utc(microseconds)
+            if done >= count:
+                state.stretch = None
+
+
+def _grid(when: float, period: float, ticks: int) -> float:
+    """``when`` plus ``ticks`` periods, as Pyncette's repeated ``time() + period`` computes it."""
+    if ticks <= 0:
+        return when
+    if _exact(period) and _exact(when):
+        return when + ticks * period
+    for _ in range(ticks):
+        when += period
+    return when
+
+
+def _exact(value: float) -> bool:
+    # dyadic values of moderate size add up exactly, so repeated addition equals multiplication
+    return math.isfinite(value) and (value * 1024).is_integer() and abs(value) < 2**40
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def _epoch_us(instant: datetime.datetime) -> int:
+    delta = instant - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _utc(microseconds: int) -> datetime.datetime:
+    return (_EPOCH + datetime.timedelta(microseconds=microseconds)).astimezone(dateutil.tz.UTC)
