@@ -36,7 +36,7 @@ _RUN_CODE = PyncetteContext.run.__code__
 class _PollLoop:
     """One worker's Pyncette poll loop, as elision sees it."""
 
-    __slots__ = ("context", "poll_interval", "skew", "stretch", "task", "in_tick", "tasks")
+    __slots__ = ("context", "in_tick", "poll_interval", "skew", "stretch", "task", "tasks")
 
     def __init__(self, task: asyncio.Task[Any], poll_interval: float) -> None:
         self.task = task
