@@ -5,13 +5,14 @@ from __future__ import annotations
 from .clock import VirtualClock
 from .errors import SimulationStalled
 from .io import track_io
-from .journal import Execution, Outcome
+from .journal import Event, Execution, Outcome, Settlement
 from .loop import VirtualTimeLoop
 from .repository import InMemoryRepository, memory_repository
 from .simulation import Simulation, SimulationReport, TaskSummary, Worker, simulate
 from .store import InMemoryStore, TaskRecord
 
 __all__ = [
+    "Event",
     "Execution",
     "InMemoryRepository",
     "InMemoryStore",
@@ -19,6 +20,7 @@ __all__ = [
     "Simulation",
     "SimulationReport",
     "SimulationStalled",
+    "Settlement",
     "TaskRecord",
     "TaskSummary",
     "VirtualClock",

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import heapq
 import math
 import types
+from collections.abc import Callable
 from typing import Any
 
 import dateutil.tz
@@ -31,6 +33,7 @@ from .store import InMemoryStore
 __all__ = ["TickElision"]
 
 _RUN_CODE = PyncetteContext.run.__code__
+_REPLAY_LIMIT = 2_000
 
 
 class _PollLoop:
@@ -66,8 +69,16 @@ class _PollLoop:
 class TickElision:
     """The loop's idle hook for one simulation: moves idle workers' tick timers ahead."""
 
-    def __init__(self, loop: VirtualTimeLoop, clock: VirtualClock, store: InMemoryStore) -> None:
+    def __init__(
+        self,
+        loop: VirtualTimeLoop,
+        clock: VirtualClock,
+        store: InMemoryStore,
+        *,
+        blocked: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._loop = loop
+        self._blocked = blocked
         self._clock = clock
         self._store = store
         self._start_us = _epoch_us(clock.start)
@@ -91,25 +102,35 @@ class TickElision:
     # -- the hook -----------------------------------------------------------------------------
 
     def __call__(self, loop: VirtualTimeLoop) -> None:
-        if not self.enabled:
+        if not self.enabled or self._blocked():
             return
         waiter = loop._waiter
         horizon = waiter.horizon if waiter is not None else math.inf
-        moves: dict[asyncio.TimerHandle, float] = {}
-        for handle, state in loop._tick_timers.items():
-            if state is None or state.context is None or handle.cancelled() or state.stretch is not None:
+        chains: list[tuple[float, int, asyncio.TimerHandle, _PollLoop | None, float]] = []
+        moved = False
+        states = [entry[1] for entry in loop._tick_timers.values() if entry[1] is not None]
+        # Several poll intervals make the tick order a symbolic replay: bound it per idle moment.
+        limit = _REPLAY_LIMIT if len({state.poll_interval for state in states}) > 1 else None
+        for when, sequence, handle in sorted(loop._timers):
+            if handle.cancelled():
                 continue
-            when = handle.when()
-            skipped = self._idle_ticks(state, when, horizon)
-            if skipped:
-                moves[handle] = _grid(when, state.poll_interval, skipped)
-                tasks = state.task_list()
-                if tasks:
-                    tasks.rotate(skipped)
-                state.stretch = (when, skipped)
-                self.elided_ticks += skipped
-        if moves:
-            loop._move_timers(moves)
+            state = loop._tick_timers[id(handle)][1]
+            destination = when
+            if state is not None and state.context is not None and state.stretch is None:
+                skipped = self._idle_ticks(state, when, horizon)
+                if limit is not None:
+                    skipped = min(skipped, limit)
+                if skipped:
+                    destination = _grid(when, state.poll_interval, skipped)
+                    tasks = state.task_list()
+                    if tasks:
+                        tasks.rotate(skipped)
+                    state.stretch = (when, skipped)
+                    self.elided_ticks += skipped
+                    moved = True
+            chains.append((when, sequence, handle, state, destination))
+        if moved:
+            loop._retime(_tick_order(chains))
 
     def _idle_ticks(self, state: _PollLoop, when: float, horizon: float) -> int:
         """How many ticks from ``when`` on would find nothing to do (and can be skipped)."""
@@ -178,6 +199,39 @@ class TickElision:
                 state.context._last_tick = _utc(microseconds)
             if done >= count:
                 state.stretch = None
+
+
+def _tick_order(
+    chains: list[tuple[float, int, asyncio.TimerHandle, _PollLoop | None, float]],
+) -> list[tuple[asyncio.TimerHandle, float]]:
+    """The timers at their destinations, in the order the skipped ticks would have made them.
+
+    A poll loop makes its next timer when it ticks, so at any instant the loops tick in the order
+    their timers for it were made, and a timer that exists now precedes any made later. With one
+    poll interval that gives a fixed order: the loop whose pending tick is later has already ticked
+    at the earlier instants, so it leads; at equal instants, scheduling order decides. With several
+    poll intervals, replay the skipped ticks symbolically.
+    """
+    periods = {state.poll_interval for _, _, _, state, _ in chains if state is not None}
+    if len(periods) <= 1:
+        order = sorted(range(len(chains)), key=lambda index: (-chains[index][0], chains[index][1]))
+        return [(chains[index][2], chains[index][4]) for index in order]
+    heap: list[tuple[float, tuple[int, int], int]] = [
+        (when, (0, sequence), index) for index, (when, sequence, _, _, _) in enumerate(chains)
+    ]
+    heapq.heapify(heap)
+    final: dict[int, tuple[float, tuple[int, int]]] = {}
+    made = 0
+    while heap:
+        when, key, index = heapq.heappop(heap)
+        _, _, _, state, destination = chains[index]
+        if state is None or when >= destination:
+            final[index] = (when, key)
+            continue
+        made += 1
+        heapq.heappush(heap, (when + state.poll_interval, (1, made), index))
+    ranked = sorted(final, key=lambda index: (final[index][1], index))
+    return [(chains[index][2], chains[index][4]) for index in ranked]
 
 
 def _grid(when: float, period: float, ticks: int) -> float:

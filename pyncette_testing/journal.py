@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["Execution", "Outcome", "render_timeline"]
+__all__ = ["Event", "Execution", "Outcome", "Settlement", "render_timeline"]
 
 
 class Outcome(enum.Enum):
@@ -19,9 +19,54 @@ class Outcome(enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    CRASHED = "crashed"
+    """Its worker crashed (``kill -9``) while it ran: no commit, no unlock, no teardown."""
 
     def __repr__(self) -> str:
         return f"Outcome.{self.name}"
+
+
+class Settlement(enum.Enum):
+    """How an execution was settled with the store after its body ended."""
+
+    COMMITTED = "committed"
+    """The lease was committed: the task is rescheduled (or, once-off, deleted)."""
+    UNLOCKED = "unlocked"
+    """FailureMode.UNLOCK after a failure: the task is due again on the next tick."""
+    LEFT_LOCKED = "left locked"
+    """FailureMode.NONE after a failure: retried once the lease expires."""
+    LEASE_LOST = "lease lost"
+    """The commit or unlock was refused (someone else holds the lease), or it was lost heartbeating."""
+    COMMIT_FAILED = "commit failed"
+    """The commit or unlock call raised: the task will likely run again after its lease."""
+    NOT_APPLICABLE = "not applicable"
+    """AT_MOST_ONCE: nothing to settle, the poll already rescheduled it."""
+    NONE = "none"
+    """Not settled: still running, or crashed."""
+
+    def __repr__(self) -> str:
+        return f"Settlement.{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """Something that happened to the cluster: a fault, a crash, a lease change."""
+
+    at: datetime.datetime
+    kind: str
+    worker: str | None = None
+    task: str | None = None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        parts = [_instant(self.at), self.kind]
+        if self.worker:
+            parts.append(f"worker={self.worker}")
+        if self.task:
+            parts.append(f"task={self.task}")
+        if self.detail:
+            parts.append(self.detail)
+        return " ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +84,7 @@ class Execution:
     started_at: datetime.datetime
     finished_at: datetime.datetime | None
     outcome: Outcome
+    settlement: Settlement = Settlement.NONE
     error: BaseException | None = dataclasses.field(default=None, compare=False)
     args: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -67,9 +113,13 @@ class _Entry:
         "args",
         "error",
         "finished_at",
+        "group",
         "instance",
+        "lease",
+        "lease_duration",
         "outcome",
         "scheduled_at",
+        "settlement",
         "started_at",
         "task",
         "template",
@@ -95,10 +145,16 @@ class _Entry:
         self.started_at = started_at
         self.finished_at: datetime.datetime | None = None
         self.outcome = Outcome.RUNNING
+        self.settlement = Settlement.NONE
         self.error: BaseException | None = None
         self.args = args
+        self.lease: str | None = None  # the lease it runs under (AT_LEAST_ONCE)
+        self.lease_duration: float | None = None
+        self.group: object = None  # the worker incarnation that runs it
 
     def finish(self, outcome: Outcome, at: datetime.datetime, error: BaseException | None = None) -> None:
+        if self.outcome is not Outcome.RUNNING:
+            return  # a crash already ended it
         self.outcome = outcome
         self.finished_at = at
         self.error = error
@@ -113,6 +169,7 @@ class _Entry:
             started_at=self.started_at,
             finished_at=self.finished_at,
             outcome=self.outcome,
+            settlement=self.settlement,
             error=self.error,
             args=dict(self.args),
         )
@@ -123,11 +180,17 @@ class Journal:
 
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
+        self.events: list[Event] = []
 
     def begin(self, **fields: Any) -> _Entry:
         entry = _Entry(**fields)
         self.entries.append(entry)
         return entry
+
+    def event(
+        self, at: datetime.datetime, kind: str, worker: str | None = None, task: str | None = None, detail: str = ""
+    ) -> None:
+        self.events.append(Event(at=at, kind=kind, worker=worker, task=task, detail=detail))
 
     def release_frames(self) -> None:
         """Drop the local variables that errors' tracebacks hold, so that a finished simulation
@@ -172,7 +235,7 @@ def render_timeline(executions: Sequence[Execution] | Iterable[Execution], *, li
     rows = list(executions)
     if not rows:
         return "    (no executions)"
-    header = ("#", "task", "scheduled (UTC)", "started", "late", "finished", "worker", "outcome")
+    header = ("#", "task", "scheduled (UTC)", "started", "late", "finished", "worker", "settlement", "outcome")
     table = [header]
     for index, execution in enumerate(rows[:limit], 1):
         error = f" ({type(execution.error).__name__}: {execution.error})" if execution.error is not None else ""
@@ -185,6 +248,7 @@ def render_timeline(executions: Sequence[Execution] | Iterable[Execution], *, li
                 _delta(execution.lateness),
                 "—" if execution.finished_at is None else _instant(execution.finished_at),
                 execution.worker,
+                execution.settlement.value,
                 execution.outcome.value + error,
             )
         )

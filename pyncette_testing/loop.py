@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import heapq
 import itertools
 import math
 import selectors
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import SimulationStalled
 
 __all__ = ["VirtualTimeLoop"]
+
+TASK_GROUP: contextvars.ContextVar[object | None] = contextvars.ContextVar("pyncette_testing_task_group", default=None)
+"""The group (a simulated worker's incarnation) that the current code runs for; tasks inherit it."""
 
 # After this many consecutive loop iterations with ready work, a due timer is fired anyway, so
 # that code spinning on ``await asyncio.sleep(0)`` until time passes cannot hang the loop.
@@ -111,8 +116,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         # the tick timers themselves, and the hook that may move them when the loop is idle.
         self._tick_tasks: dict[asyncio.Task[Any], Any] = {}
         self._tick_capture: asyncio.Task[Any] | None = None
-        self._tick_timers: dict[asyncio.TimerHandle, Any] = {}
+        # keyed by id(): a TimerHandle hashes by its instant, which elision changes
+        self._tick_timers: dict[int, tuple[asyncio.TimerHandle, Any]] = {}
         self._idle_hook: Callable[[VirtualTimeLoop], None] | None = None
+        # Frozen task groups: their callbacks are held (a paused process) until thawed, if ever.
+        self._frozen: dict[object, list[asyncio.Handle]] = {}
+        self._group_tasks: dict[object, weakref.WeakSet[asyncio.Task[Any]]] = {}
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -151,9 +160,39 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         timer._scheduled = True  # type: ignore[attr-defined]
         if self._tick_capture is not None and asyncio.current_task(self) is self._tick_capture:
             # the first timer a poll loop creates after its tick: the wait until the next tick
-            self._tick_timers[timer] = self._tick_tasks.get(self._tick_capture)
+            self._tick_timers[id(timer)] = (timer, self._tick_tasks.get(self._tick_capture))
             self._tick_capture = None
         return timer
+
+    # -- task groups: freezing a simulated process ---------------------------------------------
+
+    def call_soon(self, callback: Callable[..., object], *args: Any, context: Any = None) -> asyncio.Handle:  # type: ignore[override]
+        handle = super().call_soon(callback, *args, context=context)
+        if self._frozen and handle._context.get(TASK_GROUP) in self._frozen:  # type: ignore[attr-defined]
+            self._ready.pop()  # type: ignore[attr-defined]  # just appended: hold it instead
+            self._frozen[handle._context.get(TASK_GROUP)].append(handle)  # type: ignore[attr-defined]
+        return handle
+
+    def create_task(self, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = super().create_task(coro, **kwargs)
+        context = kwargs.get("context")
+        group = context.get(TASK_GROUP) if context is not None else TASK_GROUP.get()
+        if group is not None:
+            self._group_tasks.setdefault(group, weakref.WeakSet()).add(task)
+        return task
+
+    def _freeze(self, group: object) -> None:
+        """Hold every callback of ``group`` (ready work, timers, wake-ups) until :meth:`_thaw`."""
+        self._frozen.setdefault(group, [])
+
+    def _thaw(self, group: object) -> None:
+        """Deliver the held callbacks of ``group``, in order, late."""
+        for handle in self._frozen.pop(group, []):
+            if not handle.cancelled():
+                self._ready.append(handle)  # type: ignore[attr-defined]
+
+    def _group_tasks_of(self, group: object) -> list[asyncio.Task[Any]]:
+        return [task for task in self._group_tasks.get(group, ()) if not task.done()]
 
     def _on_perf_counter(self) -> None:
         """Pyncette read its tick clock: at the end of a tick, watch for its wait timer."""
@@ -169,7 +208,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
         if self._tick_timers:
-            self._tick_timers.pop(handle, None)
+            self._tick_timers.pop(id(handle), None)
         if handle._scheduled:  # type: ignore[attr-defined]
             self._cancelled_timers += 1
             if self._cancelled_timers > 100 and self._cancelled_timers * 2 > len(self._timers):
@@ -192,26 +231,29 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         when, _, handle = entry
         handle._scheduled = False  # type: ignore[attr-defined]
         if self._tick_timers:
-            self._tick_timers.pop(handle, None)
+            self._tick_timers.pop(id(handle), None)
         self._set_time(when)
-        self._ready.append(handle)  # type: ignore[attr-defined]
+        group = handle._context.get(TASK_GROUP) if self._frozen else None  # type: ignore[attr-defined]
+        if group is not None and group in self._frozen:
+            self._frozen[group].append(handle)
+        else:
+            self._ready.append(handle)  # type: ignore[attr-defined]
         return True
 
     def _only_tick_timers(self) -> bool:
         if len(self._timers) - self._cancelled_timers > len(self._tick_timers):
             return False
-        return all(handle in self._tick_timers for _, _, handle in self._timers if not handle.cancelled())
+        return all(id(handle) in self._tick_timers for _, _, handle in self._timers if not handle.cancelled())
 
-    def _move_timers(self, moves: dict[asyncio.TimerHandle, float]) -> None:
-        """Move (not yet due) timers to new instants, keeping their scheduling order."""
-        entries = []
-        for when, sequence, handle in self._timers:
-            if handle in moves:
-                when = moves[handle]
-                handle._when = when  # type: ignore[attr-defined]
-            entries.append((when, sequence, handle))
-        heapq.heapify(entries)
-        self._timers = entries
+    def _retime(self, order: list[tuple[asyncio.TimerHandle, float]]) -> None:
+        """Give timers new instants and a new scheduling order (the order of ``order``). Only
+        called when every pending timer is in ``order``: the others are dropped from the heap."""
+        self._timers = []
+        for handle, when in order:
+            handle._when = when  # type: ignore[attr-defined]
+            self._timers.append((when, next(self._sequence), handle))
+        heapq.heapify(self._timers)
+        self._cancelled_timers = 0
 
     def _pending_timers(self) -> list[asyncio.TimerHandle]:
         return [handle for _, _, handle in sorted(self._timers) if not handle.cancelled()]

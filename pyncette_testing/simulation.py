@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import inspect
 import random
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pyncette import Pyncette
-from pyncette.model import Context, ListTasksResponse, TaskState
+from pyncette.model import Context, ExecutionMode, FailureMode, ListTasksResponse, PollResponse, ResultType, TaskState
 from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository, RepositoryFactory
 from pyncette.task import PartitionedTask, Task, _TaskPartition
@@ -25,9 +27,10 @@ from pyncette.task import PartitionedTask, Task, _TaskPartition
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
 from .elision import TickElision
 from .errors import SimulationStalled
+from .faults import Faults
 from .io import track_io
-from .journal import Execution, Journal, Outcome, _Entry, render_timeline
-from .loop import VirtualTimeLoop, describe_task
+from .journal import Event, Execution, Journal, Outcome, Settlement, _Entry, render_timeline
+from .loop import TASK_GROUP, VirtualTimeLoop, describe_task
 from .repository import _RepositoryProxy, memory_repository
 from .store import InMemoryStore
 
@@ -112,19 +115,70 @@ def _root_name(task: Task) -> str:
 
 
 class _SimulationRepository(_RepositoryProxy):
-    """What each worker's Pyncette talks to: the backend's repository, seen through the simulation."""
+    """What each worker's Pyncette talks to: the backend's repository, seen through the simulation.
 
-    def __init__(self, inner: Repository, simulation: Simulation, worker: str) -> None:
+    The one boundary for every cross-cutting concern: a crashed incarnation's calls are refused,
+    the worker's clock skew shifts ``utc_now``, planned faults apply, and the journal learns how
+    each execution was settled and how leases changed hands.
+    """
+
+    def __init__(self, inner: Repository, simulation: Simulation, worker: Worker, group: object) -> None:
         super().__init__(inner)
         self._simulation = simulation
         self._worker = worker
+        self._group = group
+
+    async def _call(self, operation: str, *args: Any) -> Any:
+        simulation = self._simulation
+        worker = self._worker
+        if worker._group is not self._group:
+            raise ConnectionError(f"worker {worker.name} crashed: this incarnation can no longer reach the store")
+        utc_now, task = args[0], args[1]
+        if worker.clock_skew:
+            args = (utc_now + worker.clock_skew, *args[1:])
+        await simulation.faults.before(operation, worker.name, task)
+        entry = simulation._by_lease.get(str(args[2])) if operation in ("commit_task", "unlock_task") else None
+        holds = entry is not None and await self._holds_lease(args[0], task, str(args[2]))
+        try:
+            result = await getattr(self._inner, operation)(*args)
+        except Exception:
+            if entry is not None:
+                entry.settlement = Settlement.COMMIT_FAILED
+            raise
+        if entry is not None:
+            commit = operation == "commit_task"
+            if holds:
+                entry.settlement = Settlement.COMMITTED if commit else Settlement.UNLOCKED
+                simulation._event("lease released", worker.name, task, "committed" if commit else "unlocked")
+            else:
+                entry.settlement = Settlement.LEASE_LOST
+                simulation._event("lease lost", worker.name, task, f"{'commit' if commit else 'unlock'} refused")
+        elif operation == "poll_task" and isinstance(result, PollResponse) and result.result == ResultType.READY:
+            if task.execution_mode == ExecutionMode.AT_LEAST_ONCE:
+                simulation._event("lease taken", worker.name, task)
+        elif operation == "extend_lease" and result is None:
+            simulation._event("lease lost", worker.name, task, "extend_lease refused")
+        simulation.faults.after(operation, worker.name, task)
+        return result
+
+    async def _holds_lease(self, utc_now: datetime.datetime, task: Task, lease: str) -> bool:
+        store = self._simulation._store if self._simulation._is_memory else None
+        if store is not None:
+            row = store._row(task.canonical_name)
+            return row is not None and row.locked_by == lease
+        state = await self._inner.get_task_state(utc_now, task)
+        return state is not None and str(state.locked_by) == lease
 
 
 # -- the journal's middleware ---------------------------------------------------------------------
 
 
 def _recording_middleware(
-    journal: Journal, clock: VirtualClock, worker: str
+    journal: Journal,
+    clock: VirtualClock,
+    worker: str,
+    by_lease: dict[str, _Entry],
+    started: Callable[[str, Task], None],
 ) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:
     """The first middleware of every worker: journals each execution. It closes over the journal
     and the clock only, so that tracebacks kept in the journal never keep a simulation alive."""
@@ -140,6 +194,14 @@ def _recording_middleware(
             started_at=clock.now(),
             args=dict(context.args),
         )
+        entry.group = TASK_GROUP.get()
+        if task.execution_mode == ExecutionMode.AT_MOST_ONCE:
+            entry.settlement = Settlement.NOT_APPLICABLE
+        elif context._lease is not None:
+            entry.lease = str(context._lease)
+            entry.lease_duration = task.lease_duration.total_seconds()
+            by_lease[entry.lease] = entry
+        started(worker, task)
         try:
             await next()
         except asyncio.CancelledError:
@@ -147,8 +209,15 @@ def _recording_middleware(
             raise
         except BaseException as error:
             entry.finish(Outcome.FAILED, clock.now(), error)
+            if task.execution_mode == ExecutionMode.AT_LEAST_ONCE and task.failure_mode == FailureMode.NONE:
+                entry.settlement = Settlement.LEFT_LOCKED
             raise
-        entry.finish(Outcome.SUCCEEDED, clock.now())
+        else:
+            entry.finish(Outcome.SUCCEEDED, clock.now())
+        finally:
+            # Pyncette bails out without a commit when heartbeating lost the lease.
+            if entry.lease is not None and context._lease is None and entry.outcome is not Outcome.CRASHED:
+                entry.settlement = Settlement.LEASE_LOST
 
     return record_execution
 
@@ -170,6 +239,10 @@ class Worker:
         self._go: asyncio.Future[None] | None = None
         self._shut_down_before_start = False
         self._poll_loop: Any = None  # its state for idle-tick elision
+        self._group = object()  # this incarnation: its tasks, its repository, its frozen state
+        self._crashed = False
+        self._incarnations = 1
+        self._clock_skew = datetime.timedelta(0)
 
     def __repr__(self) -> str:
         state = "running" if self.running else ("stopped" if self.stopped else "idle")
@@ -191,13 +264,93 @@ class Worker:
 
     @property
     def running(self) -> bool:
-        """Its poll loop runs (it was started and has not shut down)."""
+        """Its poll loop runs (it was started and has not shut down or crashed)."""
         return self._go is not None and self._go.done() and not self.stopped
 
     @property
     def stopped(self) -> bool:
-        """It has shut down (or was shut down before it ever started)."""
-        return self._shut_down_before_start or (self._task is not None and self._task.done())
+        """It has shut down or crashed (or was shut down before it ever started)."""
+        return self._crashed or self._shut_down_before_start or (self._task is not None and self._task.done())
+
+    @property
+    def crashed(self) -> bool:
+        return self._crashed
+
+    @property
+    def clock_skew(self) -> datetime.timedelta:
+        """How far this worker's "now" (what it passes to the repository) is off: ahead if positive."""
+        return self._clock_skew
+
+    @clock_skew.setter
+    def clock_skew(self, value: datetime.timedelta) -> None:
+        if not isinstance(value, datetime.timedelta):
+            raise TypeError(f"clock_skew must be a timedelta (ahead: positive, behind: negative), got {value!r}")
+        self._clock_skew = value
+        if self._poll_loop is not None:
+            self._poll_loop.skew = value.total_seconds()
+
+    async def crash(self) -> None:
+        """The process dies now, as on ``kill -9``: running task bodies stop where they are (no commit,
+        no unlock, no middleware or fixture teardown) and its leases stay until they expire."""
+        if not self.running:
+            raise RuntimeError(f"worker {self.name} is not running, so it cannot crash; start it or restart() it")
+        self._crash_now("crash")
+
+    def _crash_now(self, reason: str) -> None:
+        if not self.running:
+            return
+        simulation = self._simulation
+        loop = simulation.clock.loop
+        loop._freeze(self._group)  # never thawed: its code never runs again
+        self._crashed = True
+        now = simulation.now
+        for entry in simulation._journal.entries:
+            if entry.group is self._group and entry.outcome is Outcome.RUNNING:
+                entry.finish(Outcome.CRASHED, now)
+        if self._task is not None:
+            loop._tick_tasks.pop(self._task, None)
+        simulation._event("worker crashed", self.name, None, reason)
+
+    async def restart(self) -> None:
+        """A new incarnation with the same name, after a crash or a shutdown: fixtures are set up
+        again and it starts polling at once."""
+        simulation = self._simulation
+        simulation._check_usable()
+        if self.running:
+            await self.shutdown()
+        if self._crashed:
+            simulation._dead_groups.append(self._group)
+        self._group = object()
+        self._crashed = False
+        self._shut_down_before_start = False
+        self._task = self._created = self._go = None
+        self._context = None
+        self._app = None
+        self._poll_loop = None
+        self._incarnations += 1
+        simulation._event("worker restarted", self.name, None, f"incarnation {self._incarnations}")
+        if simulation._state == "started":
+            await self._create()
+            self._start()
+
+    def freeze(self, duration: datetime.timedelta | float) -> None:
+        """A stop-the-world pause (a GC pause, a suspended VM): for ``duration`` of virtual time this
+        worker makes no progress while the others go on; its timers then fire late."""
+        seconds = to_seconds(duration, what="freeze duration")
+        if not self.running:
+            raise RuntimeError(f"worker {self.name} is not running, so it cannot freeze")
+        simulation = self._simulation
+        loop = simulation.clock.loop
+        group = self._group
+        loop._freeze(group)
+        simulation._event("worker frozen", self.name, None, f"for {datetime.timedelta(seconds=seconds)}")
+
+        def thaw() -> None:
+            if self._group is group and not self._crashed:
+                loop._thaw(group)
+                simulation._event("worker thawed", self.name)
+
+        loop.call_at(loop.time() + seconds, thaw)
 
     async def _create(self) -> None:
         if self._shut_down_before_start:
@@ -206,10 +359,13 @@ class Worker:
             loop = asyncio.get_running_loop()
             self._created = loop.create_future()
             self._go = loop.create_future()
-            self._task = loop.create_task(self._main(), name=f"pyncette worker {self.name}")
+            context = contextvars.copy_context()
+            context.run(TASK_GROUP.set, self._group)
+            self._task = context.run(loop.create_task, self._main(), name=f"pyncette worker {self.name}")
             elision = self._simulation._elision
             if elision is not None:
                 self._poll_loop = elision.watch(self._task, self.app._poll_interval.total_seconds())
+                self._poll_loop.skew = self.clock_skew.total_seconds()
         assert self._created is not None
         await asyncio.shield(self._created)
 
@@ -238,6 +394,8 @@ class Worker:
 
     async def shutdown(self) -> None:
         """Graceful shutdown, as on SIGINT: stop polling, let running executions finish."""
+        if self._crashed:
+            return
         if self._task is None:
             self._shut_down_before_start = True
             return
@@ -347,6 +505,10 @@ class Simulation:
         self._template = _copy_app(app if app is not None else Pyncette())
         self._fixture_overrides: dict[str, Callable[..., Any]] = {}
         self._journal = Journal()
+        self._by_lease: dict[str, _Entry] = {}
+        self._dead_groups: list[object] = []
+        self.faults = Faults(self)
+        """Planned faults: crashes, repository failures, outages, lease faults, chaos."""
         self._workers: list[Worker] = []
         self._clock: VirtualClock | None = None
         self._owns_clock = False
@@ -420,7 +582,7 @@ class Simulation:
             clock._restart_at(self._start_request)
         self._clock = clock
         if self._elide:
-            self._elision = TickElision(loop, clock, self._store)
+            self._elision = TickElision(loop, clock, self._store, blocked=self.faults.blocks_elision)
         self._state = "entered"
         for _ in range(self._initial_workers):
             self._add_worker_object(None, None)
@@ -443,11 +605,13 @@ class Simulation:
         if self._state in ("new", "ended"):
             return
         try:
-            for worker in self._workers:
+            alive = [worker for worker in self._workers if not worker._crashed]
+            for worker in alive:
                 if worker._context is not None:
                     worker._context.shutdown()
                 worker._start()
-            await self._wait_for_workers(self._workers)
+            await self._wait_for_workers(alive)
+            await self._dispose_crashed()
         finally:
             self._state = "ended"
             if self._elision is not None:
@@ -455,6 +619,20 @@ class Simulation:
             self._journal.release_frames()
             if self._owns_clock and self._clock is not None:
                 self._clock.__exit__(None, None, None)
+
+    async def _dispose_crashed(self) -> None:
+        """Let crashed incarnations unwind (their repository calls are refused) now that the
+        simulation is over, so that no task is left pending on the loop."""
+        loop = self.clock.loop
+        groups = self._dead_groups + [worker._group for worker in self._workers if worker._crashed]
+        tasks = []
+        for group in groups:
+            loop._thaw(group)
+            for task in loop._group_tasks_of(group):
+                task.cancel()
+                tasks.append(task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._shutdown_timeout)
 
     async def _wait_for_workers(self, workers: Sequence[Worker]) -> None:
         tasks = [worker._task for worker in workers if worker._task is not None]
@@ -507,13 +685,20 @@ class Simulation:
                 return worker
         raise KeyError(f"unknown worker {name!r}; workers: {', '.join(w.name for w in self._workers)}")
 
-    async def add_worker(self, name: str | None = None, app: Pyncette | None = None) -> Worker:
+    async def add_worker(
+        self,
+        name: str | None = None,
+        app: Pyncette | None = None,
+        *,
+        clock_skew: datetime.timedelta = datetime.timedelta(0),
+    ) -> Worker:
         """Add a process to the cluster: a copy of ``app`` (default: the simulated app) on the same store.
 
         It starts at once if the simulation is running.
         """
         self._check_usable()
         worker = self._add_worker_object(name, app)
+        worker.clock_skew = clock_skew
         if self._state == "started":
             await worker._create()
             worker._start()
@@ -532,23 +717,24 @@ class Simulation:
         return worker
 
     def _worker_app(self, name: str, source: Pyncette | None) -> Pyncette:
+        worker = self.worker(name)
         return _copy_app(
             self._template if source is None else source,
-            repository_factory=self._repository_factory(name),
+            repository_factory=self._repository_factory(worker, worker._group),
             poll_interval=self._poll_interval,
             configuration={**self._config, "memory_store": self._store} if self._is_memory else self._config,
             fixtures=self._fixture_overrides,
             middlewares=[self._recording_middleware(name)],
         )
 
-    def _repository_factory(self, worker: str) -> RepositoryFactory:
+    def _repository_factory(self, worker: Worker, group: object) -> RepositoryFactory:
         backend = self._backend if self._is_memory else track_io(self._backend)
         simulation = self
 
         @contextlib.asynccontextmanager
         async def factory(**config: Any) -> AsyncIterator[Repository]:
             async with backend(**config) as repository:
-                yield _SimulationRepository(repository, simulation, worker)
+                yield _SimulationRepository(repository, simulation, worker, group)
 
         return factory
 
@@ -563,7 +749,23 @@ class Simulation:
     # -- the journal ------------------------------------------------------------------------------
 
     def _recording_middleware(self, worker: str) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:
-        return _recording_middleware(self._journal, self.clock, worker)
+        # A weak reference: tracebacks in the journal hold this middleware's closure.
+        started = weakref.WeakMethod(self.faults._execution_started)
+
+        def execution_started(name: str, task: Task) -> None:
+            callback = started()
+            if callback is not None:
+                callback(name, task)
+
+        return _recording_middleware(self._journal, self.clock, worker, self._by_lease, execution_started)
+
+    def _event(self, kind: str, worker: str | None = None, task: Task | str | None = None, detail: str = "") -> None:
+        name = task.canonical_name if isinstance(task, Task) else task
+        self._journal.event(self.now, kind, worker, name, detail)
+
+    def events(self, kind: str | None = None) -> list[Event]:
+        """Faults, crashes and lease changes, in the order they happened (optionally one kind)."""
+        return [event for event in self._journal.events if kind is None or event.kind == kind]
 
     def executions(
         self,

@@ -1,0 +1,213 @@
+"""Idle-tick elision changes nothing observable: random apps, run with and without it, agree.
+
+Compared: every execution (task, instance, worker, scheduled_at, started_at, finished_at,
+outcome), each worker's ``last_tick`` and Pyncette's default healthcheck after every step, and
+the store's schedules at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import hashlib
+import os
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyncette import Context, ExecutionMode, FailureMode, Pyncette
+from pyncette.healthcheck import default_healthcheck
+
+from pyncette_testing import Simulation, VirtualTimeLoop, simulate
+
+UTC = datetime.timezone.utc
+START = datetime.datetime(2024, 3, 30, 22, tzinfo=UTC)  # the spring DST change is 3 hours later
+EXAMPLES = int(os.environ.get("PYNCETTE_ELISION_EXAMPLES", "40"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPlan:
+    kind: str  # "static", "dynamic", "partitioned"
+    schedule: dict[str, Any]
+    mode: ExecutionMode
+    failure: FailureMode
+    lease: float
+    duration: float
+    fail_one_in: int  # 0: never fails
+    spawns: bool  # its body schedules a once-off dynamic instance
+
+
+@dataclasses.dataclass(frozen=True)
+class AppPlan:
+    poll_interval: float
+    tasks: list[TaskPlan]
+    instances: int
+    workers: list[float]  # start offsets of the extra workers, in seconds
+    steps: list[float]  # advance() chunks, in seconds
+
+
+def schedules(poll: float) -> st.SearchStrategy[dict[str, Any]]:
+    return st.one_of(
+        st.builds(
+            lambda s: {"interval": datetime.timedelta(seconds=s)}, st.sampled_from([1, 2, 3.5, 7, 45, 600, 3600])
+        ),
+        st.builds(
+            lambda cron, tz: {"schedule": cron, "timezone": tz},
+            st.sampled_from(["* * * * *", "*/7 * * * *", "30 1 * * *", "0 2,3 * * *", "* * * * * */20"]),
+            st.sampled_from([None, "Europe/Ljubljana", "America/New_York"]),
+        ),
+    )
+
+
+@st.composite
+def task_plans(draw: st.DrawFn, poll: float) -> TaskPlan:
+    mode = draw(st.sampled_from(list(ExecutionMode)))
+    failure = FailureMode.NONE if mode is ExecutionMode.AT_MOST_ONCE else draw(st.sampled_from(list(FailureMode)))
+    lease = draw(st.sampled_from([2, 15, 60, 300]))
+    return TaskPlan(
+        kind=draw(st.sampled_from(["static", "dynamic", "partitioned"])),
+        schedule=draw(schedules(poll)),
+        mode=mode,
+        failure=failure,
+        lease=lease,
+        duration=draw(st.sampled_from([0, 0.25, 1, 5, lease * 1.5])),
+        fail_one_in=draw(st.sampled_from([0, 0, 2, 3])),
+        spawns=draw(st.booleans()),
+    )
+
+
+@st.composite
+def app_plans(draw: st.DrawFn) -> AppPlan:
+    poll = draw(st.sampled_from([0.5, 1, 2.5, 10, 60]))
+    tasks = draw(st.lists(task_plans(poll), min_size=1, max_size=4))
+    # bounded in ticks, so that the run without elision stays quick
+    total = poll * draw(st.integers(min_value=5, max_value=800))
+    cuts = sorted(draw(st.lists(st.floats(min_value=0, max_value=total), max_size=3)))
+    steps = [b - a for a, b in zip([0.0, *cuts], [*cuts, total], strict=True)]
+    return AppPlan(
+        poll_interval=poll,
+        tasks=tasks,
+        instances=draw(st.integers(min_value=0, max_value=3)),
+        workers=draw(st.lists(st.sampled_from([0.0, 0.3, poll / 2, 7.0]), max_size=2)),
+        steps=steps,
+    )
+
+
+def _fails(name: str, scheduled_at: datetime.datetime, one_in: int) -> bool:
+    digest = hashlib.sha256(f"{name}@{scheduled_at.isoformat()}".encode()).digest()
+    return one_in > 0 and digest[0] % one_in == 0
+
+
+def build_app(plan: AppPlan) -> tuple[Pyncette, list[Any]]:
+    app = Pyncette(poll_interval=datetime.timedelta(seconds=plan.poll_interval))
+    templates: list[Any] = []
+
+    @app.dynamic_task(execution_mode=ExecutionMode.AT_LEAST_ONCE)
+    async def spawned(context: Context) -> None:
+        await asyncio.sleep(0.5)
+
+    for index, task in enumerate(plan.tasks):
+
+        async def body(context: Context, task: TaskPlan = task) -> None:
+            if task.spawns:
+                at = datetime.datetime.now(UTC) + datetime.timedelta(seconds=13)
+                name = f"{context.task.canonical_name}@{context.scheduled_at.timestamp():.0f}"
+                await context.app_context.schedule_task(spawned, name.replace(":", "_"), execute_at=at)
+            if task.duration:
+                await asyncio.sleep(task.duration)
+            if _fails(context.task.canonical_name, context.scheduled_at, task.fail_one_in):
+                raise RuntimeError("planned failure")
+
+        options: dict[str, Any] = {
+            "name": f"t{index}",
+            "execution_mode": task.mode,
+            "failure_mode": task.failure,
+            "lease_duration": datetime.timedelta(seconds=task.lease),
+        }
+        if task.kind == "static":
+            app.task(**options, **task.schedule)(body)
+        elif task.kind == "dynamic":
+            templates.append((app.dynamic_task(**options)(body), task.schedule))
+        else:
+            templates.append((app.partitioned_task(partition_count=3, **options)(body), task.schedule))
+    return app, templates
+
+
+async def run(plan: AppPlan, elide: bool) -> tuple[list[tuple[Any, ...]], list[Any], list[Any]]:
+    app, templates = build_app(plan)
+    health: list[Any] = []
+    async with Simulation(app, start=START, elide_idle_ticks=elide) as sim:
+        for template, schedule in templates:
+            for number in range(plan.instances):
+                await sim.schedule_task(template, f"i{number}", **schedule)
+        for offset in plan.workers:
+            await sim.advance(offset)
+            await sim.add_worker()
+        for step in plan.steps:
+            await sim.advance(step)
+            for worker in sim.workers:
+                context = worker.context
+                health.append((worker.name, context.last_tick, await default_healthcheck(context)))
+        journal = [
+            (e.task, e.instance, e.worker, e.scheduled_at, e.started_at, e.finished_at, e.outcome)
+            for e in sim.executions()
+        ]
+        store = [(r.name, r.execute_after, r.locked_until is None) for r in sim.store.snapshot()]
+    return journal, health, store
+
+
+def run_on_fresh_loop(plan: AppPlan, elide: bool) -> tuple[list[tuple[Any, ...]], list[Any], list[Any]]:
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(run(plan, elide))
+    finally:
+        loop.close()
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(app_plans())
+def test_elision_changes_nothing_observable(plan: AppPlan) -> None:
+    elided = run_on_fresh_loop(plan, elide=True)
+    ticked = run_on_fresh_loop(plan, elide=False)
+    assert elided[0] == ticked[0], "journals differ"
+    assert elided[1] == ticked[1], "last_tick / healthcheck differ"
+    assert elided[2] == ticked[2], "final store differs"
+
+
+def test_elision_skips_the_idle_ticks_of_a_sparse_app() -> None:
+    app = Pyncette()
+
+    @app.task(schedule="0 9 * * *")
+    async def daily(context: Context) -> None:
+        pass
+
+    async def main() -> int:
+        async with Simulation(app, start=START) as sim:
+            await sim.advance(days=30)
+            assert sim._elision is not None
+            return sim._elision.elided_ticks
+
+    loop = VirtualTimeLoop()
+    try:
+        elided = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    # one tick per second for 30 days, all but the ones around the 30 runs skipped
+    assert elided > 30 * 86_400 - 200
+
+
+def test_a_decade_of_a_daily_job() -> None:
+    app = Pyncette()
+
+    @app.task(schedule="0 9 * * *", timezone="Europe/Ljubljana")
+    async def daily(context: Context) -> None:
+        pass
+
+    report = simulate(app, datetime.timedelta(days=3653), start="2020-01-01T00:00:00Z")
+    assert report.summary["daily"].runs == 3653
+    assert report.summary["daily"].worst_lateness == datetime.timedelta(0)
