@@ -131,6 +131,7 @@ class TickElision:
             chains.append((when, sequence, handle, state, destination))
         if moved:
             loop._retime(_tick_order(chains))
+            self._follow_last_tick(loop.time())  # a skipped tick may be due right now
 
     def _idle_ticks(self, state: _PollLoop, when: float, horizon: float) -> int:
         """How many ticks from ``when`` on would find nothing to do (and can be skipped)."""

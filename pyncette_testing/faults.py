@@ -37,6 +37,9 @@ OPERATIONS = (
 
 _POLLS = frozenset({"poll_task", "poll_dynamic_task"})
 
+chaos_seeds_used: list[int] = []
+"""Seeds of the chaos runs since the pytest plugin last cleared it (it reports them on failure)."""
+
 
 def _check_operation(operation: str) -> str:
     if operation not in OPERATIONS:
@@ -278,6 +281,7 @@ class Faults:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.chaos_seed = self._simulation.seed if seed is None else seed
+        chaos_seeds_used.append(self.chaos_seed)
         self._chaos = (float(probability), chosen, random.Random(self.chaos_seed))
         self._journal(
             "chaos", None, None, f"p={probability} seed={self.chaos_seed} operations={','.join(sorted(chosen))}"

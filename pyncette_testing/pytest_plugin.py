@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 from pyncette import Pyncette
 
+from . import faults
 from .clock import VirtualClock, default_start, stop_active_clocks, to_utc
 from .loop import VirtualTimeLoop
 from .simulation import Simulation
@@ -35,6 +36,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="ISO8601",
         help="virtual start instant for pyncette tests, with an offset, e.g. 2024-01-01T00:00:00Z",
+    )
+    group.addoption(
+        "--pyncette-seed",
+        dest="pyncette_seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed for pyncette_app simulations (chaos and sim.random); replays a reported chaos run",
     )
     parser.addini("pyncette_start", "virtual start instant for pyncette tests (ISO-8601 with an offset)", default="")
     parser.addini("pyncette_app", "the app pyncette_app simulates by default, as 'package.module:app'", default="")
@@ -137,6 +146,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             fixturenames.append("pyncette_clock")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    faults.chaos_seeds_used.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    if report.failed and faults.chaos_seeds_used:
+        seeds = ", ".join(str(seed) for seed in dict.fromkeys(faults.chaos_seeds_used))
+        report.sections.append(
+            (
+                "pyncette chaos",
+                f"this test used chaos with seed {seeds}; replay it exactly with "
+                f"@pytest.mark.pyncette(seed={faults.chaos_seeds_used[0]}) or --pyncette-seed {faults.chaos_seeds_used[0]}",
+            )
+        )
+    return report
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     # A loop torn down mid-test (say by SimulationStalled) may never run a clock's exit: undo its
@@ -187,6 +215,9 @@ async def pyncette_app(
     """An entered :class:`Simulation` of ``pyncette_target`` on this test's virtual loop."""
     _require_async_test(request, "pyncette_app")
     options = {key: value for key, value in _marker_options(request.node).items() if key not in ("start", "app")}
+    seed = request.config.getoption("pyncette_seed")
+    if seed is not None and "seed" not in options:
+        options["seed"] = seed
     async with Simulation(pyncette_target, **options) as simulation:
         yield simulation
 

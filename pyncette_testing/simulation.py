@@ -136,10 +136,10 @@ class _SimulationRepository(_RepositoryProxy):
         utc_now, task = args[0], args[1]
         if worker.clock_skew:
             args = (utc_now + worker.clock_skew, *args[1:])
-        await simulation.faults.before(operation, worker.name, task)
         entry = simulation._by_lease.get(str(args[2])) if operation in ("commit_task", "unlock_task") else None
-        holds = entry is not None and await self._holds_lease(args[0], task, str(args[2]))
         try:
+            await simulation.faults.before(operation, worker.name, task)
+            holds = entry is not None and await self._holds_lease(args[0], task, str(args[2]))
             result = await getattr(self._inner, operation)(*args)
         except Exception:
             if entry is not None:
@@ -307,6 +307,7 @@ class Worker:
         for entry in simulation._journal.entries:
             if entry.group is self._group and entry.outcome is Outcome.RUNNING:
                 entry.finish(Outcome.CRASHED, now)
+                entry.settlement = Settlement.NONE
         if self._task is not None:
             loop._tick_tasks.pop(self._task, None)
         simulation._event("worker crashed", self.name, None, reason)
