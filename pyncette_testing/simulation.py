@@ -517,6 +517,7 @@ class Simulation:
         self._elide = bool(elide_idle_ticks) and self._is_memory
         self._elision: TickElision | None = None
         self._state = "new"  # new -> entered -> started -> ended
+        self._window_end: datetime.datetime | None = None
 
     def __repr__(self) -> str:
         when = f" at {self.now.isoformat()}" if self._clock is not None and self._state != "ended" else ""
@@ -605,6 +606,7 @@ class Simulation:
         """Shut every worker down gracefully and wait for running executions (idempotent)."""
         if self._state in ("new", "ended"):
             return
+        self._window_end = self.now  # what ran after this was only finishing
         try:
             alive = [worker for worker in self._workers if not worker._crashed]
             for worker in alive:
@@ -889,7 +891,7 @@ class Simulation:
         executions = self.executions()
         return SimulationReport(
             start=self.clock.start if self._clock is not None else datetime.datetime.min,
-            end=self.now,
+            end=self._window_end or self.now,
             executions=executions,
             summary=summarize(executions),
         )

@@ -32,3 +32,27 @@ def test_readme_test_snippet_passes(pytester: pytest.Pytester, index: int) -> No
 @pytest.mark.parametrize("index", range(len(SCRIPTS)))
 def test_readme_script_snippet_runs(index: int) -> None:
     exec(compile(SCRIPTS[index], f"README snippet {index}", "exec"), {"__name__": f"readme_{index}"})
+
+
+def test_the_main_job_prints_what_the_readme_shows() -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    text = README.read_text()
+    command = re.search(r"^(pyncette-sim .*)$", text, flags=re.MULTILINE)
+    shown = re.search(r"<!-- main-job:begin -->\n```text\n(.*?)\n```\n<!-- main-job:end -->", text, flags=re.DOTALL)
+    assert command and shown
+    script = shutil.which("pyncette-sim", path=os.path.dirname(sys.executable)) or "pyncette-sim"
+    result = subprocess.run(
+        [script, *command.group(1).split()[1:]],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "110"},
+        check=True,
+    )
+    printed = "\n".join(line.rstrip() for line in result.stdout.rstrip("\n").splitlines())
+    assert printed == shown.group(1)
