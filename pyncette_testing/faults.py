@@ -120,6 +120,7 @@ class Faults:
         self._crash_plans: list[tuple[str, str, float]] = []  # (worker, task, after seconds)
         self._chaos: tuple[float, frozenset[str], random.Random] | None = None
         self.chaos_seed: int | None = None
+        self.armed = False  # any repository fault planned: the boundary checks only then
 
     def __repr__(self) -> str:
         return f"<Faults: {len(self._rules)} rule(s), {len(self._outages)} outage(s), chaos={self._chaos is not None}>"
@@ -234,6 +235,7 @@ class Faults:
         start = loop.time() if at is None else self._loop_time(to_utc(at, what="at"))
         outage = _Outage(start, start + seconds, name)
         self._outages.append(outage)
+        self.armed = True
         scope = f" worker={name}" if name else ""
         # Timers at both ends: the events land at their instants, and idle ticks inside the
         # window are never elided (a failing tick does not update last_tick).
@@ -283,6 +285,7 @@ class Faults:
         self.chaos_seed = self._simulation.seed if seed is None else seed
         chaos_seeds_used.append(self.chaos_seed)
         self._chaos = (float(probability), chosen, random.Random(self.chaos_seed))
+        self.armed = True
         self._journal(
             "chaos", None, None, f"p={probability} seed={self.chaos_seed} operations={','.join(sorted(chosen))}"
         )
@@ -325,6 +328,7 @@ class Faults:
 
     def _add(self, rule: _Rule) -> None:
         self._rules.append(rule)
+        self.armed = True
         self._journal("fault planned", rule.worker, rule.task, str(rule))
 
     def _scope(self, task: Task | str | None, worker: Worker | str | None) -> tuple[str | None, str | None]:
@@ -370,7 +374,7 @@ class Faults:
         return clock.loop.time() + max(0.0, (when - clock.now()).total_seconds())
 
     def _journal(self, kind: str, worker: str | None, task: str | None, detail: str = "") -> None:
-        self._simulation._journal.event(self._simulation.now, kind, worker, task, detail)
+        self._simulation._event(kind, worker, task, detail)
 
 
 def _name(task: Task | None) -> str | None:

@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 import enum
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["Event", "Execution", "Outcome", "Settlement", "render_timeline"]
@@ -134,7 +134,7 @@ class _Entry:
         instance: str | None,
         worker: str,
         scheduled_at: datetime.datetime,
-        started_at: datetime.datetime,
+        started_at: float,
         args: dict[str, Any],
     ) -> None:
         self.task = task
@@ -142,8 +142,8 @@ class _Entry:
         self.instance = instance
         self.worker = worker
         self.scheduled_at = scheduled_at
-        self.started_at = started_at
-        self.finished_at: datetime.datetime | None = None
+        self.started_at = started_at  # loop time; the journal turns it into an instant when read
+        self.finished_at: float | None = None
         self.outcome = Outcome.RUNNING
         self.settlement = Settlement.NONE
         self.error: BaseException | None = None
@@ -152,22 +152,22 @@ class _Entry:
         self.lease_duration: float | None = None
         self.group: object = None  # the worker incarnation that runs it
 
-    def finish(self, outcome: Outcome, at: datetime.datetime, error: BaseException | None = None) -> None:
+    def finish(self, outcome: Outcome, at: float, error: BaseException | None = None) -> None:
         if self.outcome is not Outcome.RUNNING:
             return  # a crash already ended it
         self.outcome = outcome
         self.finished_at = at
         self.error = error
 
-    def freeze(self) -> Execution:
+    def freeze(self, instant: Callable[[float], datetime.datetime]) -> Execution:
         return Execution(
             task=self.task,
             template=self.template,
             instance=self.instance,
             worker=self.worker,
             scheduled_at=self.scheduled_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
+            started_at=instant(self.started_at),
+            finished_at=None if self.finished_at is None else instant(self.finished_at),
             outcome=self.outcome,
             settlement=self.settlement,
             error=self.error,
@@ -176,21 +176,30 @@ class _Entry:
 
 
 class Journal:
-    """Executions in start order."""
+    """Executions in start order, and events. Both keep loop times (cheap to take on the hot path)
+    and become aware instants through ``instant`` when read."""
 
-    def __init__(self) -> None:
+    def __init__(self, instant: Callable[[float], datetime.datetime]) -> None:
+        self.instant = instant
         self.entries: list[_Entry] = []
-        self.events: list[Event] = []
+        self._events: list[tuple[float, str, str | None, str | None, str]] = []
 
     def begin(self, **fields: Any) -> _Entry:
         entry = _Entry(**fields)
         self.entries.append(entry)
         return entry
 
-    def event(
-        self, at: datetime.datetime, kind: str, worker: str | None = None, task: str | None = None, detail: str = ""
-    ) -> None:
-        self.events.append(Event(at=at, kind=kind, worker=worker, task=task, detail=detail))
+    def event(self, at: float, kind: str, worker: str | None = None, task: str | None = None, detail: str = "") -> None:
+        self._events.append((at, kind, worker, task, detail))
+
+    @property
+    def events(self) -> list[Event]:
+        instant = self.instant
+        return [Event(instant(at), kind, worker, task, detail) for at, kind, worker, task, detail in self._events]
+
+    def executions(self, entries: Iterable[_Entry] | None = None) -> list[Execution]:
+        instant = self.instant
+        return [entry.freeze(instant) for entry in (self.entries if entries is None else entries)]
 
     def release_frames(self) -> None:
         """Drop the local variables that errors' tracebacks hold, so that a finished simulation

@@ -18,7 +18,6 @@ import itertools
 import math
 import selectors
 import types
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -121,7 +120,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._idle_hook: Callable[[VirtualTimeLoop], None] | None = None
         # Frozen task groups: their callbacks are held (a paused process) until thawed, if ever.
         self._frozen: dict[object, list[asyncio.Handle]] = {}
-        self._group_tasks: dict[object, weakref.WeakSet[asyncio.Task[Any]]] = {}
+        self._group_tasks: dict[object, list[asyncio.Task[Any]]] = {}
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -178,7 +177,10 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         context = kwargs.get("context")
         group = context.get(TASK_GROUP) if context is not None else TASK_GROUP.get()
         if group is not None:
-            self._group_tasks.setdefault(group, weakref.WeakSet()).add(task)
+            tasks = self._group_tasks.setdefault(group, [])
+            tasks.append(task)
+            if len(tasks) > 64 and len(tasks) & (len(tasks) - 1) == 0:  # now and then, forget finished ones
+                tasks[:] = [known for known in tasks if not known.done()]
         return task
 
     def _freeze(self, group: object) -> None:

@@ -136,9 +136,11 @@ class _SimulationRepository(_RepositoryProxy):
         utc_now, task = args[0], args[1]
         if worker.clock_skew:
             args = (utc_now + worker.clock_skew, *args[1:])
+        faults = simulation.faults
         entry = simulation._by_lease.get(str(args[2])) if operation in ("commit_task", "unlock_task") else None
         try:
-            await simulation.faults.before(operation, worker.name, task)
+            if faults.armed:
+                await faults.before(operation, worker.name, task)
             holds = entry is not None and await self._holds_lease(args[0], task, str(args[2]))
             result = await getattr(self._inner, operation)(*args)
         except Exception:
@@ -158,7 +160,8 @@ class _SimulationRepository(_RepositoryProxy):
                 simulation._event("lease taken", worker.name, task)
         elif operation == "extend_lease" and result is None:
             simulation._event("lease lost", worker.name, task, "extend_lease refused")
-        simulation.faults.after(operation, worker.name, task)
+        if faults.armed:
+            faults.after(operation, worker.name, task)
         return result
 
     async def _holds_lease(self, utc_now: datetime.datetime, task: Task, lease: str) -> bool:
@@ -183,6 +186,8 @@ def _recording_middleware(
     """The first middleware of every worker: journals each execution. It closes over the journal
     and the clock only, so that tracebacks kept in the journal never keep a simulation alive."""
 
+    loop = clock.loop
+
     async def record_execution(context: Context, next: Callable[[], Awaitable[None]]) -> None:
         task = context.task
         entry = journal.begin(
@@ -191,7 +196,7 @@ def _recording_middleware(
             instance=task.name if task.parent_task is not None else None,
             worker=worker,
             scheduled_at=context.scheduled_at.astimezone(datetime.timezone.utc),
-            started_at=clock.now(),
+            started_at=loop.time(),
             args=dict(context.args),
         )
         entry.group = TASK_GROUP.get()
@@ -205,15 +210,15 @@ def _recording_middleware(
         try:
             await next()
         except asyncio.CancelledError:
-            entry.finish(Outcome.CANCELLED, clock.now())
+            entry.finish(Outcome.CANCELLED, loop.time())
             raise
         except BaseException as error:
-            entry.finish(Outcome.FAILED, clock.now(), error)
+            entry.finish(Outcome.FAILED, loop.time(), error)
             if task.execution_mode == ExecutionMode.AT_LEAST_ONCE and task.failure_mode == FailureMode.NONE:
                 entry.settlement = Settlement.LEFT_LOCKED
             raise
         else:
-            entry.finish(Outcome.SUCCEEDED, clock.now())
+            entry.finish(Outcome.SUCCEEDED, loop.time())
         finally:
             # Pyncette bails out without a commit when heartbeating lost the lease.
             if entry.lease is not None and context._lease is None and entry.outcome is not Outcome.CRASHED:
@@ -303,7 +308,7 @@ class Worker:
         loop = simulation.clock.loop
         loop._freeze(self._group)  # never thawed: its code never runs again
         self._crashed = True
-        now = simulation.now
+        now = loop.time()
         for entry in simulation._journal.entries:
             if entry.group is self._group and entry.outcome is Outcome.RUNNING:
                 entry.finish(Outcome.CRASHED, now)
@@ -505,7 +510,7 @@ class Simulation:
         self._config = dict(config_overrides)
         self._template = _copy_app(app if app is not None else Pyncette())
         self._fixture_overrides: dict[str, Callable[..., Any]] = {}
-        self._journal = Journal()
+        self._journal = Journal(self._instant)
         self._by_lease: dict[str, _Entry] = {}
         self._dead_groups: list[object] = []
         self.faults = Faults(self)
@@ -650,7 +655,7 @@ class Simulation:
             raise SimulationStalled(
                 f"shutdown waited {datetime.timedelta(seconds=self._shutdown_timeout)} of virtual time "
                 "(shutdown_timeout) for running executions that never finished:\n"
-                + render_timeline([entry.freeze() for entry in running])
+                + render_timeline(self._journal.executions(running))
                 + "\n"
                 + "\n".join(f"  - {describe_task(task)}" for task in pending)
             )
@@ -764,7 +769,7 @@ class Simulation:
 
     def _event(self, kind: str, worker: str | None = None, task: Task | str | None = None, detail: str = "") -> None:
         name = task.canonical_name if isinstance(task, Task) else task
-        self._journal.event(self.now, kind, worker, name, detail)
+        self._journal.event(self.clock.loop.time(), kind, worker, name, detail)
 
     def events(self, kind: str | None = None) -> list[Event]:
         """Faults, crashes and lease changes, in the order they happened (optionally one kind)."""
@@ -779,7 +784,7 @@ class Simulation:
         outcome: Outcome | None = None,
     ) -> list[Execution]:
         """Executions in start order, filtered by task (a ``Task`` or a name), instance, worker, outcome."""
-        return [entry.freeze() for entry in self._select(task, instance=instance, worker=worker, outcome=outcome)]
+        return self._journal.executions(self._select(task, instance=instance, worker=worker, outcome=outcome))
 
     def _select(
         self,
@@ -856,8 +861,8 @@ class Simulation:
         """
         if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 0):
             raise ValueError(f"times must be a non-negative int, got {times!r}")
-        every = self._select(task)
-        selected = [entry for entry in every if outcome is None or entry.outcome is outcome]
+        every = self._journal.executions(self._select(task))
+        selected = [run for run in every if outcome is None or run.outcome is outcome]
         instants: set[datetime.datetime] | None = None
         if at is not None:
             instants = (
@@ -865,7 +870,7 @@ class Simulation:
                 if isinstance(at, (datetime.datetime, str))
                 else {to_utc(x, what="at") for x in at}
             )
-            selected = [entry for entry in selected if entry.started_at in instants]
+            selected = [run for run in selected if run.started_at in instants]
         ok = len(selected) == times if times is not None else bool(selected)
         if not ok:
             label = task if isinstance(task, str) else task.canonical_name
@@ -879,9 +884,9 @@ class Simulation:
             raise AssertionError(
                 f"expected {wanted} execution(s) of {label!r}{condition}, found {len(selected)} "
                 f"(of {len(every)} in all, at {self.now.isoformat()}).\nTimeline of {label!r}:\n"
-                + render_timeline([entry.freeze() for entry in every])
+                + render_timeline(every)
             )
-        return [entry.freeze() for entry in selected]
+        return selected
 
     def timeline(self, task: TaskRef | None = None, *, limit: int = 50) -> str:
         """The journal (or one task's part of it) as a readable table."""
@@ -897,6 +902,10 @@ class Simulation:
         )
 
     # -- time -------------------------------------------------------------------------------------
+
+    def _instant(self, loop_time: float) -> datetime.datetime:
+        clock = self.clock
+        return clock.start + datetime.timedelta(seconds=loop_time - clock._origin)
 
     @property
     def clock(self) -> VirtualClock:
@@ -973,7 +982,7 @@ class Simulation:
                 f"{label!r} finished {len(finished())} of {times} execution(s) within {timeout} of virtual time "
                 f"(now {self.now.isoformat()}).\nTimeline of {label!r}:\n{self.timeline(task)}"
             ) from None
-        return [entry.freeze() for entry in finished()[:times]]
+        return self._journal.executions(finished()[:times])
 
     # -- dynamic tasks and queries, through the primary worker -------------------------------------
 
