@@ -376,17 +376,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    logging.getLogger("pyncette").setLevel(logging.CRITICAL)  # task failures go in the report instead
+    # Task failures go in the report instead of the log; the project's modules import by name, as
+    # with `python -m`. Both are undone on the way out, so that main() can be called in-process.
+    pyncette_logger = logging.getLogger("pyncette")
+    level, path = pyncette_logger.level, list(sys.path)
+    pyncette_logger.setLevel(logging.CRITICAL)
     if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does: the project's modules import by name
+        sys.path.insert(0, os.getcwd())
     try:
-        plan = _plan(args)
-        report, events, interrupted = _run(plan, args)
-    except UsageError as error:
-        _usage_exit(str(error))
-    except KeyboardInterrupt:
-        return 130
-    _write(report, events, plan, args, interrupted)
+        try:
+            plan = _plan(args)
+            report, events, interrupted = _run(plan, args)
+        except UsageError as error:
+            _usage_exit(str(error))
+        except KeyboardInterrupt:
+            return 130
+        _write(report, events, plan, args, interrupted)
+    finally:
+        pyncette_logger.setLevel(level)
+        sys.path[:] = path
     if args.fail_on_error and any(run.outcome in (Outcome.FAILED, Outcome.CRASHED) for run in report.executions):
         return 1
     return 0

@@ -173,6 +173,13 @@ class _SimulationRepository(_RepositoryProxy):
         return state is not None and str(state.locked_by) == lease
 
 
+def _instant_on(clock: VirtualClock) -> Callable[[float], datetime.datetime]:
+    def instant(loop_time: float) -> datetime.datetime:
+        return clock.start + datetime.timedelta(seconds=loop_time - clock._origin)
+
+    return instant
+
+
 # -- the journal's middleware ---------------------------------------------------------------------
 
 
@@ -510,7 +517,7 @@ class Simulation:
         self._config = dict(config_overrides)
         self._template = _copy_app(app if app is not None else Pyncette())
         self._fixture_overrides: dict[str, Callable[..., Any]] = {}
-        self._journal = Journal(self._instant)
+        self._journal = Journal(self._instant)  # re-pointed at the clock alone once it is known
         self._by_lease: dict[str, _Entry] = {}
         self._dead_groups: list[object] = []
         self.faults = Faults(self)
@@ -588,6 +595,7 @@ class Simulation:
         elif self._start_request is not None and self._start_request != clock.now():
             clock._restart_at(self._start_request)
         self._clock = clock
+        self._journal.instant = _instant_on(clock)  # the journal must not keep the simulation alive
         if self._elide:
             self._elision = TickElision(loop, clock, self._store, blocked=self.faults.blocks_elision)
         self._state = "entered"

@@ -103,9 +103,9 @@ def test_workers_crash_fail_outage() -> None:
 
 
 def test_chaos_and_seed_replay() -> None:
-    first = ok(APP, START, "--for=4h", "--chaos=0.3", "--seed=7", "--format=json")
-    assert first == ok(APP, START, "--for=4h", "--chaos=0.3", "--seed=7", "--format=json")
-    assert "chaos" in ok(APP, START, "--for=1d", "--chaos=0.3", "--seed=7")
+    first = ok(APP, START, "--for=2h", "--chaos=0.3", "--seed=7", "--format=json")
+    assert first == ok(APP, START, "--for=2h", "--chaos=0.3", "--seed=7", "--format=json")
+    assert "chaos" in ok(APP, START, "--for=10m", "--chaos=0.3", "--seed=7")
 
 
 def test_schedule_and_setup() -> None:
@@ -134,7 +134,7 @@ def test_formats_json_csv_html_and_quiet(tmp_path: pathlib.Path) -> None:
 
 
 def test_limit_and_no_elide_give_the_same_journal() -> None:
-    assert ok(APP, START, "--for=2d", "--format=json") == ok(APP, START, "--for=2d", "--format=json", "--no-elide")
+    assert ok(APP, START, "--for=1d", "--format=json") == ok(APP, START, "--for=1d", "--format=json", "--no-elide")
     assert "first 3 of" in ok(APP, START, "--for=2d", "--limit=3")
 
 
@@ -164,7 +164,26 @@ def test_fail_on_error_exit_status() -> None:
         ([APP, "--schedule", "reminder", "x", "interval"], "expected KEY=VALUE"),
     ],
 )
-def test_usage_errors_are_one_clear_line_and_status_2(args: list[str], message: str) -> None:
+def test_usage_errors_are_one_clear_line_and_status_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyncette_testing.cli import main
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["nosuch.module:app"], "no module named"), ([APP, "--for=7x"], "bad duration"), ([APP, "--crash=w3@1h"], "unknown worker")],
+)
+def test_the_console_script_reports_usage_errors_the_same_way(args: list[str], message: str) -> None:
     result = sim(*args)
     assert result.returncode == 2
     assert message in result.stderr

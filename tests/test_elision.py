@@ -23,7 +23,7 @@ from pyncette_testing import Simulation, VirtualTimeLoop, simulate
 
 UTC = datetime.timezone.utc
 START = datetime.datetime(2024, 3, 30, 22, tzinfo=UTC)  # the spring DST change is 3 hours later
-EXAMPLES = int(os.environ.get("PYNCETTE_ELISION_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("PYNCETTE_ELISION_EXAMPLES", "25"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def app_plans(draw: st.DrawFn) -> AppPlan:
     poll = draw(st.sampled_from([0.5, 1, 2.5, 10, 60]))
     tasks = draw(st.lists(task_plans(poll), min_size=1, max_size=4))
     # bounded in ticks, so that the run without elision stays quick
-    total = poll * draw(st.integers(min_value=5, max_value=800))
+    total = poll * draw(st.integers(min_value=5, max_value=400))
     cuts = sorted(draw(st.lists(st.floats(min_value=0, max_value=total), max_size=3)))
     steps = [b - a for a, b in zip([0.0, *cuts], [*cuts, total], strict=True)]
     return AppPlan(

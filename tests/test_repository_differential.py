@@ -7,7 +7,7 @@ stored state. Leases are random UUIDs on each side, so they are compared through
 between the two sides' lease strings (``None`` and the literal string ``"None"`` that both store
 after a commit must map to themselves).
 
-``PYNCETTE_DIFF_EXAMPLES`` sets the number of examples (default 150).
+``PYNCETTE_DIFF_EXAMPLES`` sets the number of examples (default 100).
 """
 
 from __future__ import annotations
@@ -733,7 +733,7 @@ class RepositoryDiff(RuleBasedStateMachine):
 
 TestRepositoryDifferential = RepositoryDiff.TestCase
 TestRepositoryDifferential.settings = settings(
-    max_examples=int(os.environ.get("PYNCETTE_DIFF_EXAMPLES", "150")),
+    max_examples=int(os.environ.get("PYNCETTE_DIFF_EXAMPLES", "100")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
