@@ -160,6 +160,10 @@ class _SimulationRepository(_RepositoryProxy):
                 simulation._event("lease taken", worker.name, task)
         elif operation == "extend_lease" and result is None:
             simulation._event("lease lost", worker.name, task, "extend_lease refused")
+        if operation == "register_task":
+            simulation._scheduled_instances[task.canonical_name] = task.execute_at is not None
+        elif operation == "unregister_task":
+            simulation._scheduled_instances.pop(task.canonical_name, None)
         if faults.armed:
             faults.after(operation, worker.name, task)
         return result
@@ -323,6 +327,9 @@ class Worker:
         if self._task is not None:
             loop._tick_tasks.pop(self._task, None)
         simulation._event("worker crashed", self.name, None, reason)
+        signal = simulation._crash_signal
+        if signal is not None and not signal.done():
+            signal.set_result(None)  # a shutdown waiting for this worker stops waiting
 
     async def restart(self) -> None:
         """A new incarnation with the same name, after a crash or a shutdown: fixtures are set up
@@ -519,6 +526,8 @@ class Simulation:
         self._fixture_overrides: dict[str, Callable[..., Any]] = {}
         self._journal = Journal(self._instant)  # re-pointed at the clock alone once it is known
         self._by_lease: dict[str, _Entry] = {}
+        self._scheduled_instances: dict[str, bool] = {}
+        self._crash_signal: asyncio.Future[None] | None = None  # dynamic instances registered -> once-off
         self._dead_groups: list[object] = []
         self.faults = Faults(self)
         """Planned faults: crashes, repository failures, outages, lease faults, chaos."""
@@ -627,7 +636,7 @@ class Simulation:
                     worker._context.shutdown()
                 worker._start()
             await self._wait_for_workers(alive)
-            await self._dispose_crashed()
+            await self._dispose_crashed()  # including workers that crashed while shutting down
         finally:
             self._state = "ended"
             if self._elision is not None:
@@ -651,10 +660,23 @@ class Simulation:
             await asyncio.wait(tasks, timeout=self._shutdown_timeout)
 
     async def _wait_for_workers(self, workers: Sequence[Worker]) -> None:
-        tasks = [worker._task for worker in workers if worker._task is not None]
-        if not tasks:
-            return
-        done, pending = await asyncio.wait(tasks, timeout=self._shutdown_timeout)
+        """Wait for the workers' main tasks to end; one that crashes meanwhile is no longer waited for."""
+        loop = self.clock.loop
+        owners = {worker._task: worker for worker in workers if worker._task is not None and not worker._crashed}
+        deadline = loop.time() + self._shutdown_timeout
+        pending: set[asyncio.Task[None]] = set(owners)
+        done: set[asyncio.Task[None]] = set()
+        while pending and loop.time() < deadline:
+            self._crash_signal = crashed = loop.create_future()
+            finished, _ = await asyncio.wait(
+                {*pending, crashed}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not crashed.done():
+                crashed.cancel()
+            done |= {task for task in finished if task is not crashed}
+            pending = {task for task in pending - finished if not owners[task]._crashed}
+            if not finished:
+                break
         if pending:
             running = [entry for entry in self._journal.entries if entry.outcome is Outcome.RUNNING]
             for task in pending:

@@ -181,7 +181,11 @@ def test_usage_errors_are_one_clear_line_and_status_2(
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["nosuch.module:app"], "no module named"), ([APP, "--for=7x"], "bad duration"), ([APP, "--crash=w3@1h"], "unknown worker")],
+    [
+        (["nosuch.module:app"], "no module named"),
+        ([APP, "--for=7x"], "bad duration"),
+        ([APP, "--crash=w3@1h"], "unknown worker"),
+    ],
 )
 def test_the_console_script_reports_usage_errors_the_same_way(args: list[str], message: str) -> None:
     result = sim(*args)
