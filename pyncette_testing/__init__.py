@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
+# The assertion helpers (sim.assert_executed, the journal invariants) get pytest's assertion rewriting;
+# this must come before those modules are imported.
+pytest.register_assert_rewrite("pyncette_testing.simulation", "pyncette_testing.strategies")
+
 from .clock import VirtualClock
 from .errors import SimulationStalled
 from .io import track_io
