@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+from pyncette_testing import VirtualTimeLoop
 
 # Inner pytest runs (pytester) do not need hypothesis' plugin, whose import costs seconds when
 # bytecode caching is off, nor random ordering unless a test asks for it.
@@ -14,3 +18,11 @@ def run_inner(pytester: pytest.Pytester, *args: str, subprocess: bool = False) -
     extra = () if "randomly" in args else ("-p", "no:randomly")
     runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
     return runner(*INNER_ARGS, *extra, *args)
+
+
+@pytest.fixture
+def loop() -> Iterator[VirtualTimeLoop]:
+    """A virtual-time loop owned by the test (closed after it), with a short stall grace."""
+    loop = VirtualTimeLoop(stall_timeout=0.2)
+    yield loop
+    loop.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
-from collections.abc import Iterator
 
 import freezegun
 import pyncette.pyncette
@@ -16,13 +15,6 @@ from pyncette_testing import VirtualClock, VirtualTimeLoop
 
 UTC = datetime.timezone.utc
 START = datetime.datetime(2019, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def loop() -> Iterator[VirtualTimeLoop]:
-    loop = VirtualTimeLoop(stall_timeout=0.2)
-    yield loop
-    loop.close()
 
 
 def test_now_elapsed_and_the_wall_clock_follow_loop_time(loop: VirtualTimeLoop) -> None:

@@ -7,18 +7,10 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from pyncette_testing import SimulationStalled, VirtualTimeLoop, track_io
-
-
-@pytest.fixture
-def loop() -> Iterator[VirtualTimeLoop]:
-    loop = VirtualTimeLoop(stall_timeout=0.2)
-    yield loop
-    loop.close()
 
 
 def test_time_starts_at_zero_and_jumps_to_timers(loop: VirtualTimeLoop) -> None:
