@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from pyncette import ExecutionMode, FailureMode, Pyncette
+from pyncette.errors import TaskLockedException
 from pyncette.task import Task
 
 from .faults import OPERATIONS
@@ -299,6 +300,10 @@ class PyncetteStateMachine(RuleBasedStateMachine):
     checks: ClassVar[Sequence[Check]] = ()
     fault_kinds: ClassVar[Sequence[str]] = ("crash", "restart", "storage")
     """Which built-in fault rules run: ``crash`` (now, or during a run), ``restart``, ``storage``."""
+    instances: ClassVar[Mapping[str, st.SearchStrategy[dict[str, Any]]]] = {}
+    """Dynamic templates (by name) to schedule and unschedule instances of, each with a strategy
+    of schedule keywords, e.g. ``{"reminder": st.builds(lambda i: {"interval": i}, intervals())}``."""
+    instance_names: ClassVar[Sequence[str]] = ("i0", "i1", "i2")
 
     def __init__(self) -> None:
         super().__init__()
@@ -359,6 +364,36 @@ class PyncetteStateMachine(RuleBasedStateMachine):
     def inject_fault(self, operation: str, times: int) -> None:
         self._note(f"fail {operation} x{times}")
         self.simulation.faults.fail(operation, times=times)
+
+    def _template(self, name: str) -> Task:
+        for task in self.simulation.workers[0].app._tasks:
+            owner = getattr(task, "_parent", task)
+            if owner.name == name and owner.dynamic:
+                return owner
+        raise KeyError(f"{type(self).__name__}.instances names {name!r}, which is not a dynamic task of the app")
+
+    @precondition(lambda self: bool(self.instances))
+    @rule(data=st.data())
+    def schedule_instance(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.instances)), label="template")
+        instance = data.draw(st.sampled_from(list(self.instance_names)), label="instance")
+        keywords = data.draw(self.instances[name], label="schedule")
+        self._note(f"schedule {name}:{instance} {keywords}")
+        try:
+            self.run(self.simulation.schedule_task(self._template(name), instance, **keywords))
+        except (TaskLockedException, ConnectionError) as error:
+            self._note(f"  refused: {error}")  # Pyncette's answer while it runs, or a storage fault
+
+    @precondition(lambda self: bool(self.instances))
+    @rule(data=st.data())
+    def unschedule_instance(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.instances)), label="template")
+        instance = data.draw(st.sampled_from(list(self.instance_names)), label="instance")
+        self._note(f"unschedule {name}:{instance}")
+        try:
+            self.run(self.simulation.unschedule_task(self._template(name), instance))
+        except ConnectionError as error:
+            self._note(f"  refused: {error}")
 
     @invariant()
     def journal_invariants(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from typing import Any, ClassVar
 
 import dateutil.tz
 import pytest
@@ -16,6 +17,7 @@ from pyncette.task import Task
 from pyncette_testing import Simulation, VirtualTimeLoop
 from pyncette_testing.strategies import (
     FaultPlan,
+    PyncetteStateMachine,
     at_most_once,
     cron_expressions,
     eventually_runs,
@@ -176,3 +178,27 @@ def test_no_lost_dynamic_instances_catches_a_deleted_recurring_instance(data: st
         assert loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+class Reminders(PyncetteStateMachine):
+    """The kit's own rules, dynamic instances included, keep the journal invariants."""
+
+    app = Pyncette()
+    instances: ClassVar[dict[str, Any]] = {
+        "reminder": st.one_of(
+            intervals(datetime.timedelta(seconds=30), datetime.timedelta(hours=2)).map(lambda i: {"interval": i}),
+            cron_expressions(seconds=False).map(lambda c: {"schedule": c}),
+            execute_at_times(START, datetime.timedelta(hours=3)).map(lambda t: {"execute_at": t}),
+        )
+    }
+    fault_kinds = ("crash", "restart")
+    checks = (no_lost_dynamic_instances(),)
+
+
+@Reminders.app.dynamic_task()
+async def reminder(context: Context) -> None:
+    await asyncio.sleep(1)
+
+
+TestReminders = Reminders.TestCase
+TestReminders.settings = settings(max_examples=25, stateful_step_count=10, deadline=None)
