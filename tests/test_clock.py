@@ -17,6 +17,7 @@ UTC = datetime.timezone.utc
 START = datetime.datetime(2019, 1, 1, tzinfo=UTC)
 
 
+@pytest.mark.filterwarnings("ignore:datetime.datetime.utcnow:DeprecationWarning")
 def test_now_elapsed_and_the_wall_clock_follow_loop_time(loop: VirtualTimeLoop) -> None:
     async def main(clock: VirtualClock) -> None:
         assert clock.now() == START
