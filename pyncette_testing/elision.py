@@ -106,32 +106,37 @@ class TickElision:
             return
         waiter = loop._waiter
         horizon = waiter.horizon if waiter is not None else math.inf
-        chains: list[tuple[float, int, asyncio.TimerHandle, _PollLoop | None, float]] = []
-        moved = False
+        # First pass, cheap: how many ticks each poll loop could skip. Usually none (busy apps).
+        skips: dict[int, int] = {}
+        for handle, state in loop._tick_timers.values():
+            if state is not None and state.context is not None and state.stretch is None and not handle.cancelled():
+                skipped = self._idle_ticks(state, handle.when(), horizon)
+                if skipped:
+                    skips[id(handle)] = skipped
+        if not skips:
+            return
         states = [entry[1] for entry in loop._tick_timers.values() if entry[1] is not None]
         # Several poll intervals make the tick order a symbolic replay: bound it per idle moment.
         limit = _REPLAY_LIMIT if len({state.poll_interval for state in states}) > 1 else None
+        chains: list[tuple[float, int, asyncio.TimerHandle, _PollLoop | None, float]] = []
         for when, sequence, handle in sorted(loop._timers):
             if handle.cancelled():
                 continue
             state = loop._tick_timers[id(handle)][1]
             destination = when
-            if state is not None and state.context is not None and state.stretch is None:
-                skipped = self._idle_ticks(state, when, horizon)
-                if limit is not None:
-                    skipped = min(skipped, limit)
-                if skipped:
-                    destination = _grid(when, state.poll_interval, skipped)
-                    tasks = state.task_list()
-                    if tasks:
-                        tasks.rotate(skipped)
-                    state.stretch = (when, skipped)
-                    self.elided_ticks += skipped
-                    moved = True
+            skipped = skips.get(id(handle), 0)
+            if limit is not None:
+                skipped = min(skipped, limit)
+            if skipped and state is not None:
+                destination = _grid(when, state.poll_interval, skipped)
+                tasks = state.task_list()
+                if tasks:
+                    tasks.rotate(skipped)
+                state.stretch = (when, skipped)
+                self.elided_ticks += skipped
             chains.append((when, sequence, handle, state, destination))
-        if moved:
-            loop._retime(_tick_order(chains))
-            self._follow_last_tick(loop.time())  # a skipped tick may be due right now
+        loop._retime(_tick_order(chains))
+        self._follow_last_tick(loop.time())  # a skipped tick may be due right now
 
     def _idle_ticks(self, state: _PollLoop, when: float, horizon: float) -> int:
         """How many ticks from ``when`` on would find nothing to do (and can be skipped)."""
@@ -139,8 +144,8 @@ class TickElision:
         if tasks is None:
             return 0
         due = self._next_due(tasks)
-        if due is None:
-            return 0
+        if due is None or due <= self._wall(when, state):
+            return 0  # its next tick has work (or must run): nothing to skip
         period = state.poll_interval
         if math.isinf(due):
             if math.isinf(horizon) or when > horizon:

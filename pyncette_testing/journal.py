@@ -182,20 +182,24 @@ class Journal:
     def __init__(self, instant: Callable[[float], datetime.datetime]) -> None:
         self.instant = instant
         self.entries: list[_Entry] = []
-        self._events: list[tuple[float, str, str | None, str | None, str]] = []
+        self._events: list[tuple[float, str, str | None, Any, str]] = []
 
     def begin(self, **fields: Any) -> _Entry:
         entry = _Entry(**fields)
         self.entries.append(entry)
         return entry
 
-    def event(self, at: float, kind: str, worker: str | None = None, task: str | None = None, detail: str = "") -> None:
+    def event(self, at: float, kind: str, worker: str | None = None, task: Any = None, detail: str = "") -> None:
+        """``task``: a name, or a Task whose canonical name is taken when events are read."""
         self._events.append((at, kind, worker, task, detail))
 
     @property
     def events(self) -> list[Event]:
         instant = self.instant
-        return [Event(instant(at), kind, worker, task, detail) for at, kind, worker, task, detail in self._events]
+        return [
+            Event(instant(at), kind, worker, getattr(task, "canonical_name", task), detail)
+            for at, kind, worker, task, detail in self._events
+        ]
 
     def executions(self, entries: Iterable[_Entry] | None = None) -> list[Execution]:
         instant = self.instant

@@ -165,11 +165,14 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     # -- task groups: freezing a simulated process ---------------------------------------------
 
-    def call_soon(self, callback: Callable[..., object], *args: Any, context: Any = None) -> asyncio.Handle:  # type: ignore[override]
-        handle = super().call_soon(callback, *args, context=context)
-        if self._frozen and handle._context.get(TASK_GROUP) in self._frozen:  # type: ignore[attr-defined]
+    def _call_soon_holding(self, callback: Callable[..., object], *args: Any, context: Any = None) -> asyncio.Handle:
+        """``call_soon`` while some group is frozen: a frozen group's callbacks are held. Installed
+        on the instance only then, so that the common path pays nothing."""
+        handle = asyncio.SelectorEventLoop.call_soon(self, callback, *args, context=context)
+        group = handle._context.get(TASK_GROUP)  # type: ignore[attr-defined]
+        if group is not None and group in self._frozen:
             self._ready.pop()  # type: ignore[attr-defined]  # just appended: hold it instead
-            self._frozen[handle._context.get(TASK_GROUP)].append(handle)  # type: ignore[attr-defined]
+            self._frozen[group].append(handle)
         return handle
 
     def create_task(self, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
@@ -186,12 +189,15 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def _freeze(self, group: object) -> None:
         """Hold every callback of ``group`` (ready work, timers, wake-ups) until :meth:`_thaw`."""
         self._frozen.setdefault(group, [])
+        self.call_soon = self._call_soon_holding  # type: ignore[method-assign,assignment]
 
     def _thaw(self, group: object) -> None:
         """Deliver the held callbacks of ``group``, in order, late."""
         for handle in self._frozen.pop(group, []):
             if not handle.cancelled():
                 self._ready.append(handle)  # type: ignore[attr-defined]
+        if not self._frozen:
+            self.__dict__.pop("call_soon", None)
 
     def _group_tasks_of(self, group: object) -> list[asyncio.Task[Any]]:
         return [task for task in self._group_tasks.get(group, ()) if not task.done()]

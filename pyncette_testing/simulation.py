@@ -141,7 +141,11 @@ class _SimulationRepository(_RepositoryProxy):
         try:
             if faults.armed:
                 await faults.before(operation, worker.name, task)
-            holds = entry is not None and await self._holds_lease(args[0], task, str(args[2]))
+            holds = entry is not None and (
+                self._holds_lease_in_memory(task, str(args[2]))
+                if simulation._is_memory
+                else await self._holds_lease(args[0], task, str(args[2]))
+            )
             result = await getattr(self._inner, operation)(*args)
         except Exception:
             if entry is not None:
@@ -168,11 +172,11 @@ class _SimulationRepository(_RepositoryProxy):
             faults.after(operation, worker.name, task)
         return result
 
+    def _holds_lease_in_memory(self, task: Task, lease: str) -> bool:
+        row = self._simulation._store._row(task.canonical_name)
+        return row is not None and row.locked_by == lease
+
     async def _holds_lease(self, utc_now: datetime.datetime, task: Task, lease: str) -> bool:
-        store = self._simulation._store if self._simulation._is_memory else None
-        if store is not None:
-            row = store._row(task.canonical_name)
-            return row is not None and row.locked_by == lease
         state = await self._inner.get_task_state(utc_now, task)
         return state is not None and str(state.locked_by) == lease
 
@@ -798,8 +802,8 @@ class Simulation:
         return _recording_middleware(self._journal, self.clock, worker, self._by_lease, execution_started)
 
     def _event(self, kind: str, worker: str | None = None, task: Task | str | None = None, detail: str = "") -> None:
-        name = task.canonical_name if isinstance(task, Task) else task
-        self._journal.event(self.clock.loop.time(), kind, worker, name, detail)
+        # a Task's name is worked out when the events are read: this runs on every lease change
+        self._journal.event(self.clock.loop.time(), kind, worker, task, detail)
 
     def events(self, kind: str | None = None) -> list[Event]:
         """Faults, crashes and lease changes, in the order they happened (optionally one kind)."""
