@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import datetime
 import inspect
@@ -19,20 +18,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any, TypeVar
 
 from pyncette import Pyncette
-from pyncette.model import Context, ExecutionMode, FailureMode, ListTasksResponse, PollResponse, ResultType, TaskState
+from pyncette.model import Context, ListTasksResponse, TaskState
 from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository, RepositoryFactory
 from pyncette.task import PartitionedTask, Task, _TaskPartition
 
+from .boundary import _instant_on, _recording_middleware, _SimulationRepository
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
 from .elision import TickElision
 from .errors import SimulationStalled
 from .faults import Faults
 from .io import track_io
-from .journal import Event, Execution, Journal, Outcome, Settlement, _Entry, render_timeline
-from .loop import TASK_GROUP, VirtualTimeLoop, describe_task
-from .repository import _RepositoryProxy, memory_repository
+from .journal import Event, Execution, Journal, Outcome, _Entry, render_timeline
+from .loop import VirtualTimeLoop, describe_task
+from .repository import memory_repository
 from .store import InMemoryStore
+from .worker import Worker
 
 __all__ = ["Simulation", "SimulationReport", "TaskSummary", "Worker", "simulate"]
 
@@ -99,334 +100,11 @@ def _fixture_override(name: str, value: Any) -> Callable[..., contextlib.Abstrac
     return constant
 
 
-def _template_name(task: Task) -> str | None:
-    parent = task.parent_task
-    return None if parent is None else parent.name
-
-
 def _root_name(task: Task) -> str:
     """The name under which ``task`` (static, template, partition or instance) is defined in the app."""
     while task.parent_task is not None:
         task = task.parent_task
     return task.name
-
-
-# -- the repository boundary ----------------------------------------------------------------------------
-
-
-class _SimulationRepository(_RepositoryProxy):
-    """What each worker's Pyncette talks to: the backend's repository, seen through the simulation.
-
-    The one boundary for every cross-cutting concern: a crashed incarnation's calls are refused,
-    the worker's clock skew shifts ``utc_now``, planned faults apply, and the journal learns how
-    each execution was settled and how leases changed hands.
-    """
-
-    def __init__(self, inner: Repository, simulation: Simulation, worker: Worker, group: object) -> None:
-        super().__init__(inner)
-        self._simulation = simulation
-        self._worker = worker
-        self._group = group
-
-    async def _call(self, operation: str, *args: Any) -> Any:
-        simulation = self._simulation
-        worker = self._worker
-        if worker._group is not self._group:
-            raise ConnectionError(f"worker {worker.name} crashed: this incarnation can no longer reach the store")
-        utc_now, task = args[0], args[1]
-        if worker.clock_skew:
-            args = (utc_now + worker.clock_skew, *args[1:])
-        faults = simulation.faults
-        entry = simulation._by_lease.get(str(args[2])) if operation in ("commit_task", "unlock_task") else None
-        try:
-            if faults.armed:
-                await faults.before(operation, worker.name, task)
-            holds = entry is not None and (
-                self._holds_lease_in_memory(task, str(args[2]))
-                if simulation._is_memory
-                else await self._holds_lease(args[0], task, str(args[2]))
-            )
-            result = await getattr(self._inner, operation)(*args)
-        except Exception:
-            if entry is not None:
-                entry.settlement = Settlement.COMMIT_FAILED
-            raise
-        if entry is not None:
-            commit = operation == "commit_task"
-            if holds:
-                entry.settlement = Settlement.COMMITTED if commit else Settlement.UNLOCKED
-                simulation._event("lease released", worker.name, task, "committed" if commit else "unlocked")
-            else:
-                entry.settlement = Settlement.LEASE_LOST
-                simulation._event("lease lost", worker.name, task, f"{'commit' if commit else 'unlock'} refused")
-        elif operation == "poll_task" and isinstance(result, PollResponse) and result.result == ResultType.READY:
-            if task.execution_mode == ExecutionMode.AT_LEAST_ONCE:
-                simulation._event("lease taken", worker.name, task)
-        elif operation == "extend_lease" and result is None:
-            simulation._event("lease lost", worker.name, task, "extend_lease refused")
-        if operation == "register_task":
-            simulation._scheduled_instances[task.canonical_name] = task.execute_at is not None
-        elif operation == "unregister_task":
-            simulation._scheduled_instances.pop(task.canonical_name, None)
-        if faults.armed:
-            faults.after(operation, worker.name, task)
-        return result
-
-    def _holds_lease_in_memory(self, task: Task, lease: str) -> bool:
-        row = self._simulation._store._row(task.canonical_name)
-        return row is not None and row.locked_by == lease
-
-    async def _holds_lease(self, utc_now: datetime.datetime, task: Task, lease: str) -> bool:
-        state = await self._inner.get_task_state(utc_now, task)
-        return state is not None and str(state.locked_by) == lease
-
-
-def _instant_on(clock: VirtualClock) -> Callable[[float], datetime.datetime]:
-    def instant(loop_time: float) -> datetime.datetime:
-        return clock.start + datetime.timedelta(seconds=loop_time - clock._origin)
-
-    return instant
-
-
-# -- the journal's middleware ---------------------------------------------------------------------
-
-
-def _recording_middleware(
-    journal: Journal,
-    clock: VirtualClock,
-    worker: str,
-    by_lease: dict[str, _Entry],
-    started: Callable[[str, Task], None],
-) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:
-    """The first middleware of every worker: journals each execution. It closes over the journal
-    and the clock only, so that tracebacks kept in the journal never keep a simulation alive."""
-
-    loop = clock.loop
-
-    async def record_execution(context: Context, next: Callable[[], Awaitable[None]]) -> None:
-        task = context.task
-        entry = journal.begin(
-            task=task.canonical_name,
-            template=_template_name(task),
-            instance=task.name if task.parent_task is not None else None,
-            worker=worker,
-            scheduled_at=context.scheduled_at.astimezone(datetime.timezone.utc),
-            started_at=loop.time(),
-            args=dict(context.args),
-        )
-        entry.group = TASK_GROUP.get()
-        if task.execution_mode == ExecutionMode.AT_MOST_ONCE:
-            entry.settlement = Settlement.NOT_APPLICABLE
-        elif context._lease is not None:
-            entry.lease = str(context._lease)
-            entry.lease_duration = task.lease_duration.total_seconds()
-            by_lease[entry.lease] = entry
-        started(worker, task)
-        try:
-            await next()
-        except asyncio.CancelledError:
-            entry.finish(Outcome.CANCELLED, loop.time())
-            raise
-        except BaseException as error:
-            entry.finish(Outcome.FAILED, loop.time(), error)
-            if task.execution_mode == ExecutionMode.AT_LEAST_ONCE and task.failure_mode == FailureMode.NONE:
-                entry.settlement = Settlement.LEFT_LOCKED
-            raise
-        else:
-            entry.finish(Outcome.SUCCEEDED, loop.time())
-        finally:
-            # Pyncette bails out without a commit when heartbeating lost the lease.
-            if entry.lease is not None and context._lease is None and entry.outcome is not Outcome.CRASHED:
-                entry.settlement = Settlement.LEASE_LOST
-
-    return record_execution
-
-
-# -- workers ------------------------------------------------------------------------------------------
-
-
-class Worker:
-    """One process of the simulated cluster: a ``PyncetteContext`` running ``run()``."""
-
-    def __init__(self, simulation: Simulation, name: str, source: Pyncette | None) -> None:
-        self._simulation = simulation
-        self.name = name
-        self._source = source  # None: the simulated app, with its inline definitions
-        self._app: Pyncette | None = None
-        self._context: PyncetteContext | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._created: asyncio.Future[None] | None = None
-        self._go: asyncio.Future[None] | None = None
-        self._shut_down_before_start = False
-        self._poll_loop: Any = None  # its state for idle-tick elision
-        self._group = object()  # this incarnation: its tasks, its repository, its frozen state
-        self._crashed = False
-        self._incarnations = 1
-        self._clock_skew = datetime.timedelta(0)
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else ("stopped" if self.stopped else "idle")
-        return f"<Worker {self.name} {state}>"
-
-    @property
-    def app(self) -> Pyncette:
-        """This worker's private copy of the app (made when it starts, with every definition so far)."""
-        if self._app is None:
-            self._app = self._simulation._worker_app(self.name, self._source)
-        return self._app
-
-    @property
-    def context(self) -> PyncetteContext:
-        """This worker's ``PyncetteContext`` (once the simulation has started)."""
-        if self._context is None:
-            raise RuntimeError(f"worker {self.name} has not started yet; move time or await sim.start() first")
-        return self._context
-
-    @property
-    def running(self) -> bool:
-        """Its poll loop runs (it was started and has not shut down or crashed)."""
-        return self._go is not None and self._go.done() and not self.stopped
-
-    @property
-    def stopped(self) -> bool:
-        """It has shut down or crashed (or was shut down before it ever started)."""
-        return self._crashed or self._shut_down_before_start or (self._task is not None and self._task.done())
-
-    @property
-    def crashed(self) -> bool:
-        return self._crashed
-
-    @property
-    def clock_skew(self) -> datetime.timedelta:
-        """How far this worker's "now" (what it passes to the repository) is off: ahead if positive."""
-        return self._clock_skew
-
-    @clock_skew.setter
-    def clock_skew(self, value: datetime.timedelta) -> None:
-        if not isinstance(value, datetime.timedelta):
-            raise TypeError(f"clock_skew must be a timedelta (ahead: positive, behind: negative), got {value!r}")
-        self._clock_skew = value
-        if self._poll_loop is not None:
-            self._poll_loop.skew = value.total_seconds()
-
-    async def crash(self) -> None:
-        """The process dies now, as on ``kill -9``: running task bodies stop where they are (no commit,
-        no unlock, no middleware or fixture teardown) and its leases stay until they expire."""
-        if not self.running:
-            raise RuntimeError(f"worker {self.name} is not running, so it cannot crash; start it or restart() it")
-        self._crash_now("crash")
-
-    def _crash_now(self, reason: str) -> None:
-        if not self.running:
-            return
-        simulation = self._simulation
-        loop = simulation.clock.loop
-        loop._freeze(self._group)  # never thawed: its code never runs again
-        self._crashed = True
-        now = loop.time()
-        for entry in simulation._journal.entries:
-            if entry.group is self._group and entry.outcome is Outcome.RUNNING:
-                entry.finish(Outcome.CRASHED, now)
-                entry.settlement = Settlement.NONE
-        if self._task is not None:
-            loop._tick_tasks.pop(self._task, None)
-        simulation._event("worker crashed", self.name, None, reason)
-        signal = simulation._crash_signal
-        if signal is not None and not signal.done():
-            signal.set_result(None)  # a shutdown waiting for this worker stops waiting
-
-    async def restart(self) -> None:
-        """A new incarnation with the same name, after a crash or a shutdown: fixtures are set up
-        again and it starts polling at once."""
-        simulation = self._simulation
-        simulation._check_usable()
-        if self.running:
-            await self.shutdown()
-        if self._crashed:
-            simulation._dead_groups.append(self._group)
-        self._group = object()
-        self._crashed = False
-        self._shut_down_before_start = False
-        self._task = self._created = self._go = None
-        self._context = None
-        self._app = None
-        self._poll_loop = None
-        self._incarnations += 1
-        simulation._event("worker restarted", self.name, None, f"incarnation {self._incarnations}")
-        if simulation._state == "started":
-            await self._create()
-            self._start()
-
-    def freeze(self, duration: datetime.timedelta | float) -> None:
-        """A stop-the-world pause (a GC pause, a suspended VM): for ``duration`` of virtual time this
-        worker makes no progress while the others go on; its timers then fire late."""
-        seconds = to_seconds(duration, what="freeze duration")
-        if not self.running:
-            raise RuntimeError(f"worker {self.name} is not running, so it cannot freeze")
-        simulation = self._simulation
-        loop = simulation.clock.loop
-        group = self._group
-        loop._freeze(group)
-        simulation._event("worker frozen", self.name, None, f"for {datetime.timedelta(seconds=seconds)}")
-
-        def thaw() -> None:
-            if self._group is group and not self._crashed:
-                loop._thaw(group)
-                simulation._event("worker thawed", self.name)
-
-        loop.call_at(loop.time() + seconds, thaw)
-
-    async def _create(self) -> None:
-        if self._shut_down_before_start:
-            return
-        if self._task is None:
-            loop = asyncio.get_running_loop()
-            self._created = loop.create_future()
-            self._go = loop.create_future()
-            context = contextvars.copy_context()
-            context.run(TASK_GROUP.set, self._group)
-            self._task = context.run(loop.create_task, self._main(), name=f"pyncette worker {self.name}")
-            elision = self._simulation._elision
-            if elision is not None:
-                self._poll_loop = elision.watch(self._task, self.app._poll_interval.total_seconds())
-                self._poll_loop.skew = self.clock_skew.total_seconds()
-        assert self._created is not None
-        await asyncio.shield(self._created)
-
-    def _start(self) -> None:
-        if self._go is not None and not self._go.done():
-            self._go.set_result(None)
-
-    async def _main(self) -> None:
-        assert self._created is not None and self._go is not None
-        try:
-            async with self.app.create() as context:
-                for key, value in self._simulation._context_items.items():
-                    context.add_to_context(key, value)
-                self._context = context
-                if self._poll_loop is not None:
-                    self._poll_loop.context = context
-                self._created.set_result(None)
-                await self._go
-                if not context._shutting_down.is_set():
-                    await context.run()
-        except BaseException as error:
-            if not self._created.done():
-                self._created.set_exception(error)
-                return
-            raise
-
-    async def shutdown(self) -> None:
-        """Graceful shutdown, as on SIGINT: stop polling, let running executions finish."""
-        if self._crashed:
-            return
-        if self._task is None:
-            self._shut_down_before_start = True
-            return
-        if self._context is not None:
-            self._context.shutdown()
-        self._start()
-        await self._simulation._wait_for_workers([self])
 
 
 # -- the simulation ---------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""The one boundary between a simulated worker and the store, and the journal's middleware.
+
+Every cross-cutting concern sits here: a crashed incarnation's calls are refused, clock skew shifts
+``utc_now``, planned faults apply, lease changes become events, and each execution is journaled with
+how it was settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from pyncette.model import Context, ExecutionMode, FailureMode, PollResponse, ResultType
+from pyncette.repository import Repository
+from pyncette.task import Task
+
+from .clock import VirtualClock
+from .journal import Journal, Outcome, Settlement, _Entry
+from .loop import TASK_GROUP
+from .repository import _RepositoryProxy
+
+if TYPE_CHECKING:
+    from .simulation import Simulation
+    from .worker import Worker
+
+__all__: list[str] = []
+
+
+def _template_name(task: Task) -> str | None:
+    parent = task.parent_task
+    return None if parent is None else parent.name
+
+
+# -- the repository boundary ----------------------------------------------------------------------------
+
+
+class _SimulationRepository(_RepositoryProxy):
+    """What each worker's Pyncette talks to: the backend's repository, seen through the simulation.
+
+    The one boundary for every cross-cutting concern: a crashed incarnation's calls are refused,
+    the worker's clock skew shifts ``utc_now``, planned faults apply, and the journal learns how
+    each execution was settled and how leases changed hands.
+    """
+
+    def __init__(self, inner: Repository, simulation: Simulation, worker: Worker, group: object) -> None:
+        super().__init__(inner)
+        self._simulation = simulation
+        self._worker = worker
+        self._group = group
+
+    async def _call(self, operation: str, *args: Any) -> Any:
+        simulation = self._simulation
+        worker = self._worker
+        if worker._group is not self._group:
+            raise ConnectionError(f"worker {worker.name} crashed: this incarnation can no longer reach the store")
+        utc_now, task = args[0], args[1]
+        if worker.clock_skew:
+            args = (utc_now + worker.clock_skew, *args[1:])
+        faults = simulation.faults
+        entry = simulation._by_lease.get(str(args[2])) if operation in ("commit_task", "unlock_task") else None
+        try:
+            if faults.armed:
+                await faults.before(operation, worker.name, task)
+            holds = entry is not None and (
+                self._holds_lease_in_memory(task, str(args[2]))
+                if simulation._is_memory
+                else await self._holds_lease(args[0], task, str(args[2]))
+            )
+            result = await getattr(self._inner, operation)(*args)
+        except Exception:
+            if entry is not None:
+                entry.settlement = Settlement.COMMIT_FAILED
+            raise
+        if entry is not None:
+            commit = operation == "commit_task"
+            if holds:
+                entry.settlement = Settlement.COMMITTED if commit else Settlement.UNLOCKED
+                simulation._event("lease released", worker.name, task, "committed" if commit else "unlocked")
+            else:
+                entry.settlement = Settlement.LEASE_LOST
+                simulation._event("lease lost", worker.name, task, f"{'commit' if commit else 'unlock'} refused")
+        elif operation == "poll_task" and isinstance(result, PollResponse) and result.result == ResultType.READY:
+            if task.execution_mode == ExecutionMode.AT_LEAST_ONCE:
+                simulation._event("lease taken", worker.name, task)
+        elif operation == "extend_lease" and result is None:
+            simulation._event("lease lost", worker.name, task, "extend_lease refused")
+        if operation == "register_task":
+            simulation._scheduled_instances[task.canonical_name] = task.execute_at is not None
+        elif operation == "unregister_task":
+            simulation._scheduled_instances.pop(task.canonical_name, None)
+        if faults.armed:
+            faults.after(operation, worker.name, task)
+        return result
+
+    def _holds_lease_in_memory(self, task: Task, lease: str) -> bool:
+        row = self._simulation._store._row(task.canonical_name)
+        return row is not None and row.locked_by == lease
+
+    async def _holds_lease(self, utc_now: datetime.datetime, task: Task, lease: str) -> bool:
+        state = await self._inner.get_task_state(utc_now, task)
+        return state is not None and str(state.locked_by) == lease
+
+
+def _instant_on(clock: VirtualClock) -> Callable[[float], datetime.datetime]:
+    def instant(loop_time: float) -> datetime.datetime:
+        return clock.start + datetime.timedelta(seconds=loop_time - clock._origin)
+
+    return instant
+
+
+# -- the journal's middleware ---------------------------------------------------------------------
+
+
+def _recording_middleware(
+    journal: Journal,
+    clock: VirtualClock,
+    worker: str,
+    by_lease: dict[str, _Entry],
+    started: Callable[[str, Task], None],
+) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:
+    """The first middleware of every worker: journals each execution. It closes over the journal
+    and the clock only, so that tracebacks kept in the journal never keep a simulation alive."""
+
+    loop = clock.loop
+
+    async def record_execution(context: Context, next: Callable[[], Awaitable[None]]) -> None:
+        task = context.task
+        entry = journal.begin(
+            task=task.canonical_name,
+            template=_template_name(task),
+            instance=task.name if task.parent_task is not None else None,
+            worker=worker,
+            scheduled_at=context.scheduled_at.astimezone(datetime.timezone.utc),
+            started_at=loop.time(),
+            args=dict(context.args),
+        )
+        entry.group = TASK_GROUP.get()
+        if task.execution_mode == ExecutionMode.AT_MOST_ONCE:
+            entry.settlement = Settlement.NOT_APPLICABLE
+        elif context._lease is not None:
+            entry.lease = str(context._lease)
+            entry.lease_duration = task.lease_duration.total_seconds()
+            by_lease[entry.lease] = entry
+        started(worker, task)
+        try:
+            await next()
+        except asyncio.CancelledError:
+            entry.finish(Outcome.CANCELLED, loop.time())
+            raise
+        except BaseException as error:
+            entry.finish(Outcome.FAILED, loop.time(), error)
+            if task.execution_mode == ExecutionMode.AT_LEAST_ONCE and task.failure_mode == FailureMode.NONE:
+                entry.settlement = Settlement.LEFT_LOCKED
+            raise
+        else:
+            entry.finish(Outcome.SUCCEEDED, loop.time())
+        finally:
+            # Pyncette bails out without a commit when heartbeating lost the lease.
+            if entry.lease is not None and context._lease is None and entry.outcome is not Outcome.CRASHED:
+                entry.settlement = Settlement.LEASE_LOST
+
+    return record_execution
