@@ -10,12 +10,12 @@ pytest.register_assert_rewrite("pyncette_testing.simulation", "pyncette_testing.
 
 from .clock import VirtualClock
 from .errors import SimulationStalled
-from .io import track_io
 from .journal import Event, Execution, Outcome, Settlement
 from .loop import VirtualTimeLoop
 from .repository import InMemoryRepository, memory_repository
 from .simulation import Simulation, SimulationReport, TaskSummary, Worker, simulate
 from .store import InMemoryStore, TaskRecord
+from .tracking import track_io
 
 __all__ = [
     "Event",

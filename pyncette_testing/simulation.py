@@ -28,11 +28,11 @@ from .clock import VirtualClock, active_clock, to_seconds, to_utc
 from .elision import TickElision
 from .errors import SimulationStalled
 from .faults import Faults
-from .io import track_io
 from .journal import Event, Execution, Journal, Outcome, _Entry, render_timeline
 from .loop import VirtualTimeLoop, describe_task
 from .repository import memory_repository
 from .store import InMemoryStore
+from .tracking import track_io
 from .worker import Worker
 
 __all__ = ["Simulation", "SimulationReport", "TaskSummary", "Worker", "simulate"]
