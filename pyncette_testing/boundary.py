@@ -59,14 +59,19 @@ class _SimulationRepository(_RepositoryProxy):
         if worker.clock_skew:
             args = (utc_now + worker.clock_skew, *args[1:])
         faults = simulation.faults
-        entry = simulation._by_lease.get(str(args[2])) if operation in ("commit_task", "unlock_task") else None
+        lease = str(args[2]) if operation in ("commit_task", "unlock_task") else None
+        entry = simulation._by_lease.get(lease) if lease is not None else None
         try:
             if faults.armed:
                 await faults.before(operation, worker.name, task)
-            holds = entry is not None and (
-                self._holds_lease_in_memory(task, str(args[2]))
-                if simulation._is_memory
-                else await self._holds_lease(args[0], task, str(args[2]))
+            holds = (
+                entry is not None
+                and lease is not None
+                and (
+                    self._holds_lease_in_memory(task, lease)
+                    if simulation._is_memory
+                    else await self._holds_lease(args[0], task, lease)
+                )
             )
             result = await getattr(self._inner, operation)(*args)
         except Exception:
@@ -101,13 +106,6 @@ class _SimulationRepository(_RepositoryProxy):
     async def _holds_lease(self, utc_now: datetime.datetime, task: Task, lease: str) -> bool:
         state = await self._inner.get_task_state(utc_now, task)
         return state is not None and str(state.locked_by) == lease
-
-
-def _instant_on(clock: VirtualClock) -> Callable[[float], datetime.datetime]:
-    def instant(loop_time: float) -> datetime.datetime:
-        return clock.start + datetime.timedelta(seconds=loop_time - clock._origin)
-
-    return instant
 
 
 # -- the journal's middleware ---------------------------------------------------------------------

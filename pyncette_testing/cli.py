@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from pyncette import Pyncette
-from pyncette.task import Task
 
 from .clock import to_utc
 from .faults import OPERATIONS
@@ -28,7 +27,7 @@ from .journal import Event, Execution, Outcome
 from .loop import VirtualTimeLoop
 from .report import dst_notes, render_html, render_table
 from .simulation import Simulation, SimulationReport, _close_loop
-from .target import FORMS, load_app
+from .target import FORMS, load_app, templates
 
 __all__ = ["main", "parse_duration"]
 
@@ -139,7 +138,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if args.workers < 1:
         raise UsageError(f"--workers must be 1 or more, got {args.workers}")
     names = {f"w{n}" for n in range(1, args.workers + 1)}
-    templates = {getattr(task, "_parent", task).name: getattr(task, "_parent", task) for task in app._tasks}
+    defined = templates(app)
 
     crashes = []
     for spec in args.crash:
@@ -160,8 +159,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         operation, task, times = match.group(1), match.group(2), int(match.group(3) or 1)
         if operation not in OPERATIONS:
             raise UsageError(f"unknown operation {operation!r} in --fail: choose from {', '.join(OPERATIONS)}")
-        if task is not None and task.split(":")[0] not in templates:
-            raise UsageError(f"unknown task {task!r} in --fail: the app has {', '.join(sorted(templates))}")
+        if task is not None and task.split(":")[0] not in defined:
+            raise UsageError(f"unknown task {task!r} in --fail: the app has {', '.join(sorted(defined))}")
         fails.append((operation, task, times))
 
     outages = []
@@ -179,9 +178,9 @@ def _plan(args: argparse.Namespace) -> _Plan:
         if len(spec) < 2:
             raise UsageError(f"bad --schedule {' '.join(spec)!r}: expected TASK NAME KEY=VALUE ...")
         task_name, instance, *pairs = spec
-        task = templates.get(task_name)
+        task = defined.get(task_name)
         if task is None or not task.dynamic:
-            dynamic = sorted(name for name, t in templates.items() if t.dynamic)
+            dynamic = sorted(name for name, t in defined.items() if t.dynamic)
             raise UsageError(
                 f"unknown dynamic task {task_name!r} in --schedule: the app's dynamic tasks are {', '.join(dynamic) or 'none'}"
             )
@@ -217,14 +216,6 @@ def _keyword(pair: str) -> tuple[str, Any]:
         return key, value
 
 
-def _template(app: Pyncette, name: str) -> Task:
-    for task in app._tasks:
-        owner = getattr(task, "_parent", task)
-        if owner.name == name:
-            return owner
-    raise UsageError(f"unknown task {name!r}")
-
-
 def _run(plan: _Plan, args: argparse.Namespace) -> tuple[SimulationReport, list[Event], bool]:
 
     progress_bar = None
@@ -257,7 +248,7 @@ async def _simulate_with_events(
         async with Simulation(plan.app, **options) as sim:
             for task_name, instance, keywords in plan.schedules:
                 try:
-                    await sim.schedule_task(_template(plan.app, task_name), instance, **keywords)
+                    await sim.schedule_task(templates(plan.app)[task_name], instance, **keywords)
                 except (TypeError, ValueError) as error:
                     raise UsageError(f"bad --schedule for {task_name} {instance}: {error}") from None
             if plan.setup is not None:

@@ -197,6 +197,14 @@ class VirtualClock:
         """The current virtual instant (aware, UTC): ``start + elapsed``."""
         return self._start + self.elapsed
 
+    def _instant_at(self, loop_time: float) -> datetime.datetime:
+        """The virtual instant at a loop time (what ``now()`` returns then)."""
+        return self._start + datetime.timedelta(seconds=loop_time - self._origin)
+
+    def _wall_microseconds(self, loop_time: float) -> int:
+        """Microseconds since ``start`` that the patched wall clock reads at a loop time."""
+        return round((loop_time - self._origin) * 1_000_000)
+
     # -- moving time --------------------------------------------------------------------------
 
     async def advance(self, delta: Duration) -> None:
@@ -315,7 +323,7 @@ class VirtualClock:
             self._freezegun.move_to(start.replace(tzinfo=None))
 
     def _follow(self, loop_time: float) -> None:
-        wall_us = round((loop_time - self._origin) * 1_000_000)
+        wall_us = self._wall_microseconds(loop_time)
         if self._traveller is not None:
             self._traveller.shift(datetime.timedelta(microseconds=wall_us - self._wall_us))
         elif self._freezegun is not None:

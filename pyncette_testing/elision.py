@@ -183,7 +183,7 @@ class TickElision:
 
     def _wall(self, loop_time: float, state: _PollLoop) -> float:
         """The timestamp a worker passes to the repository at ``loop_time``."""
-        microseconds = self._start_us + round((loop_time - self._clock._origin) * 1_000_000)
+        microseconds = self._start_us + self._clock._wall_microseconds(loop_time)
         return microseconds / 1_000_000 + state.skew
 
     def _loop_time_of(self, timestamp: float, state: _PollLoop) -> float:
@@ -200,7 +200,7 @@ class TickElision:
                 continue
             done = min(count, math.floor((loop_time - first) / state.poll_interval) + 1)
             last = _grid(first, state.poll_interval, done - 1)
-            microseconds = self._start_us + round((last - self._clock._origin) * 1_000_000)
+            microseconds = self._start_us + self._clock._wall_microseconds(last)
             if state.context is not None:
                 state.context._last_tick = _utc(microseconds)
             if done >= count:

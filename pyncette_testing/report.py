@@ -13,6 +13,7 @@ from pyncette import Pyncette
 
 from .journal import Event, Execution, Outcome, _delta, _instant
 from .simulation import SimulationReport
+from .target import templates
 
 __all__ = ["dst_notes", "render_html", "render_table"]
 
@@ -139,13 +140,10 @@ def _transitions(
 def dst_notes(app: Pyncette, report: SimulationReport) -> list[str]:
     """For cron tasks with a timezone: each DST change in the window, and what Pyncette did then."""
     notes = []
-    seen: set[tuple[str, str]] = set()
-    for task in app._tasks:
-        owner = getattr(task, "_parent", task)
+    for owner in templates(app).values():
         zone = owner.timezone
-        if not zone or not owner.schedule or (owner.name, zone) in seen:
+        if not zone or not owner.schedule:
             continue
-        seen.add((owner.name, zone))
         tz = dateutil.tz.gettz(zone)
         for instant, before, after in _transitions(zone, report.start, report.end):
             local = instant.astimezone(tz)

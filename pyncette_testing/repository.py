@@ -16,7 +16,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import dateutil.tz
 from pyncette.errors import PyncetteException, TaskLockedException
 from pyncette.model import (
     ContinuationToken,
@@ -32,6 +31,7 @@ from pyncette.repository import Repository
 from pyncette.task import Task
 
 from .store import InMemoryStore, _Row
+from .store import _to_datetime as _datetime
 
 __all__ = ["InMemoryRepository", "memory_repository"]
 
@@ -43,12 +43,6 @@ _POLL_AGAIN = ContinuationToken(object())
 
 def _timestamp(value: datetime.datetime | None) -> float | None:
     return None if value is None else value.timestamp()
-
-
-def _datetime(timestamp: float | None) -> datetime.datetime | None:
-    if timestamp is None:
-        return None
-    return datetime.datetime.fromtimestamp(timestamp, dateutil.tz.UTC)
 
 
 def _check_now(utc_now: datetime.datetime) -> float:

@@ -23,7 +23,7 @@ from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository, RepositoryFactory
 from pyncette.task import PartitionedTask, Task, _TaskPartition
 
-from .boundary import _instant_on, _recording_middleware, _SimulationRepository
+from .boundary import _recording_middleware, _SimulationRepository
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
 from .elision import TickElision
 from .errors import SimulationStalled
@@ -286,7 +286,7 @@ class Simulation:
         elif self._start_request is not None and self._start_request != clock.now():
             clock._restart_at(self._start_request)
         self._clock = clock
-        self._journal.instant = _instant_on(clock)  # the journal must not keep the simulation alive
+        self._journal.instant = clock._instant_at  # the clock's, so that it never keeps the simulation alive
         if self._elide:
             self._elision = TickElision(loop, clock, self._store, blocked=self.faults.blocks_elision)
         self._state = "entered"
@@ -616,8 +616,7 @@ class Simulation:
     # -- time -------------------------------------------------------------------------------------
 
     def _instant(self, loop_time: float) -> datetime.datetime:
-        clock = self.clock
-        return clock.start + datetime.timedelta(seconds=loop_time - clock._origin)
+        return self.clock._instant_at(loop_time)
 
     @property
     def clock(self) -> VirtualClock:

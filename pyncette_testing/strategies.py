@@ -23,6 +23,7 @@ from .faults import OPERATIONS
 from .journal import Execution, Outcome, render_timeline
 from .loop import VirtualTimeLoop
 from .simulation import Simulation, _close_loop
+from .target import templates
 
 __all__ = [
     "FaultPlan",
@@ -341,7 +342,7 @@ class PyncetteStateMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, 7), task=st.integers(0, 15), after=st.sampled_from([0, 1, 2, 5, 10, 30, 60, 120]))
     def crash_during_a_run(self, index: int, task: int, after: int) -> None:
         """Crash a worker ``after`` seconds into its next run of one of the app's tasks."""
-        names = sorted({getattr(t, "_parent", t).name for t in self.simulation.workers[0].app._tasks})
+        names = sorted(templates(self.simulation.workers[0].app))
         running = [worker for worker in self.simulation.workers if worker.running]
         if names and len(running) > 1:
             worker, name = running[index % len(running)], names[task % len(names)]
@@ -366,10 +367,9 @@ class PyncetteStateMachine(RuleBasedStateMachine):
         self.simulation.faults.fail(operation, times=times)
 
     def _template(self, name: str) -> Task:
-        for task in self.simulation.workers[0].app._tasks:
-            owner = getattr(task, "_parent", task)
-            if owner.name == name and owner.dynamic:
-                return owner
+        owner = templates(self.simulation.workers[0].app).get(name)
+        if owner is not None and owner.dynamic:
+            return owner
         raise KeyError(f"{type(self).__name__}.instances names {name!r}, which is not a dynamic task of the app")
 
     @precondition(lambda self: bool(self.instances))

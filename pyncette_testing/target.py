@@ -9,8 +9,9 @@ import sys
 from typing import Any
 
 from pyncette import Pyncette
+from pyncette.task import Task
 
-__all__ = ["load_app"]
+__all__ = ["load_app", "templates"]
 
 FORMS = "'package.module:app' or 'path/to/file.py:app' (the attribute defaults to 'app')"
 
@@ -29,6 +30,15 @@ def load_app(target: str) -> Pyncette:
     if not isinstance(app, Pyncette):
         raise ValueError(f"{target!r}: {attribute!r} is a {type(app).__name__}, not a Pyncette app")
     return app
+
+
+def templates(app: Pyncette) -> dict[str, Task]:
+    """The app's tasks as defined, by name: a partitioned task once (not its partitions)."""
+    defined: dict[str, Task] = {}
+    for task in app._tasks:
+        owner = getattr(task, "_parent", task)  # a partition's PartitionedTask
+        defined.setdefault(owner.name, owner)
+    return defined
 
 
 def _import(location: str, target: str) -> Any:
