@@ -8,8 +8,9 @@ how it was settled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pyncette.model import Context, ExecutionMode, FailureMode, PollResponse, ResultType
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 __all__: list[str] = []
+
+# What backends cache on Task objects, which every process of a real cluster has its own copy of.
+_TASK_CACHES = ("_last_lease",)
 
 
 def _template_name(task: Task) -> str | None:
@@ -49,6 +53,7 @@ class _SimulationRepository(_RepositoryProxy):
         self._simulation = simulation
         self._worker = worker
         self._group = group
+        self._task_caches: dict[str, dict[str, Any]] = {}
 
     async def _call(self, operation: str, *args: Any) -> Any:
         simulation = self._simulation
@@ -59,21 +64,23 @@ class _SimulationRepository(_RepositoryProxy):
         if worker.clock_skew:
             args = (utc_now + worker.clock_skew, *args[1:])
         faults = simulation.faults
-        lease = str(args[2]) if operation in ("commit_task", "unlock_task") else None
+        lease = _lease_key(args[2]) if operation in ("commit_task", "unlock_task") else None
         entry = simulation._by_lease.get(lease) if lease is not None else None
         try:
             if faults.armed:
                 await faults.before(operation, worker.name, task)
-            holds = (
-                entry is not None
-                and lease is not None
-                and (
-                    self._holds_lease_in_memory(task, lease)
-                    if simulation._is_memory
-                    else await self._holds_lease(args[0], task, lease)
-                )
-            )
-            result = await getattr(self._inner, operation)(*args)
+            if simulation._is_memory:
+                holds = entry is not None and lease is not None and self._holds_lease_in_memory(task, lease)
+                result = await getattr(self._inner, operation)(*args)
+            else:
+                # One backend call at a time, in the order they were made: each is atomic, as on the
+                # in-memory store, and a run does not depend on how the server interleaves them.
+                async with simulation._backend_lock:
+                    with self._own_task_state(task):
+                        holds = (
+                            entry is not None and lease is not None and await self._holds_lease(args[0], task, lease)
+                        )
+                        result = await getattr(self._inner, operation)(*args)
         except Exception:
             if entry is not None:
                 entry.settlement = Settlement.COMMIT_FAILED
@@ -99,6 +106,28 @@ class _SimulationRepository(_RepositoryProxy):
             faults.after(operation, worker.name, task)
         return result
 
+    @contextlib.contextmanager
+    def _own_task_state(self, task: Task | None) -> Iterator[None]:
+        """Give ``task`` this worker's own copy of what a backend caches on task objects.
+
+        Pyncette's redis backend keeps the last lease on the Task (``task._last_lease``) to save a
+        round trip. In a real cluster every process has its own Task objects; here the workers
+        share the app's, so each worker's cache is swapped in for its call and out afterwards.
+        """
+        if task is None:
+            yield
+            return
+        attributes = vars(task)
+        theirs = {name: attributes.pop(name) for name in _TASK_CACHES if name in attributes}
+        attributes.update(self._task_caches.get(task.canonical_name, {}))
+        try:
+            yield
+        finally:
+            self._task_caches[task.canonical_name] = {
+                name: attributes.pop(name) for name in _TASK_CACHES if name in attributes
+            }
+            attributes.update(theirs)
+
     def _holds_lease_in_memory(self, task: Task, lease: str) -> bool:
         row = self._simulation._store._row(task.canonical_name)
         return row is not None and row.locked_by == lease
@@ -106,6 +135,12 @@ class _SimulationRepository(_RepositoryProxy):
     async def _holds_lease(self, utc_now: datetime.datetime, task: Task, lease: str) -> bool:
         state = await self._inner.get_task_state(utc_now, task)
         return state is not None and str(state.locked_by) == lease
+
+
+def _lease_key(lease: object) -> str:
+    """A lease as the string the backend stores as ``locked_by``. Redis leases are records whose
+    version changes on every heartbeat; their ``locked_by`` stays the same for the whole execution."""
+    return str(getattr(lease, "locked_by", lease))
 
 
 # -- the journal's middleware ---------------------------------------------------------------------
@@ -138,7 +173,7 @@ def _recording_middleware(
         if task.execution_mode == ExecutionMode.AT_MOST_ONCE:
             entry.settlement = Settlement.NOT_APPLICABLE
         elif context._lease is not None:
-            entry.lease = str(context._lease)
+            entry.lease = _lease_key(context._lease)
             entry.lease_duration = task.lease_duration.total_seconds()
             by_lease[entry.lease] = entry
         started(worker, task)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime
 import inspect
-from collections.abc import AsyncIterator, Generator, Mapping
+import os
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ import pytest_asyncio
 from pyncette import Pyncette
 
 from . import faults
+from .backends import BACKENDS, backend_unavailable
 from .clock import VirtualClock, default_start, stop_active_clocks, to_utc
 from .loop import VirtualTimeLoop
 from .simulation import Simulation
@@ -26,6 +28,7 @@ from .target import load_app
 MARKER = "pyncette"
 _FIXTURE_PREFIX = "pyncette_"
 _START_KEY = pytest.StashKey[datetime.datetime | None]()
+_BACKENDS_KEY = pytest.StashKey[tuple[str, ...]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,6 +48,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="N",
         help="seed for pyncette_app simulations (chaos and sim.random); replays a reported chaos run",
     )
+    group.addoption(
+        "--pyncette-backend",
+        dest="pyncette_backend",
+        default=None,
+        metavar="NAMES",
+        help="backend(s) for pyncette_app: memory, sqlite, redis, postgres; several (comma-separated) run each "
+        "test once per backend. Servers come from REDIS_URL and POSTGRES_URL",
+    )
+    parser.addini(
+        "pyncette_backend",
+        "backend(s) for pyncette_app (memory, sqlite, redis, postgres; several separated by spaces or commas)",
+        default="",
+    )
     parser.addini("pyncette_start", "virtual start instant for pyncette tests (ISO-8601 with an offset)", default="")
     parser.addini("pyncette_app", "the app pyncette_app simulates by default, as 'package.module:app'", default="")
 
@@ -52,7 +68,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(start=None, app=None, poll_interval=None, seed=0, **config): run this async test on virtual "
+        f"{MARKER}(start=None, app=None, backend=None, poll_interval=None, seed=0, **config): run this async test on virtual "
         "time (a VirtualTimeLoop and a VirtualClock); the keywords also configure the pyncette_app simulation",
     )
     start = None
@@ -63,6 +79,24 @@ def pytest_configure(config: pytest.Config) -> None:
         if value and start is None:
             start = _parse_start(value, source)
     config.stash[_START_KEY] = start
+    config.stash[_BACKENDS_KEY] = _configured_backends(config)
+
+
+def _configured_backends(config: pytest.Config) -> tuple[str, ...]:
+    """The backends from --pyncette-backend, else the ini option, else memory alone."""
+    for source, value in (
+        ("--pyncette-backend", config.getoption("pyncette_backend")),
+        ("ini option pyncette_backend", config.getini("pyncette_backend")),
+    ):
+        names = tuple(dict.fromkeys(value.replace(",", " ").split())) if value else ()
+        if names:
+            unknown = [name for name in names if name not in BACKENDS]
+            if unknown:
+                raise pytest.UsageError(
+                    f"unknown backend {unknown[0]!r} in {source}; use one or more of {', '.join(BACKENDS)}"
+                )
+            return names
+    return ("memory",)
 
 
 def _parse_start(value: Any, source: str) -> datetime.datetime:
@@ -134,6 +168,16 @@ def _policy_loop() -> Any:
     import asyncio
 
     return asyncio.get_event_loop_policy().new_event_loop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Like anyio's backend fixture: several configured backends run each test once per backend;
+    # a marker's backend= pins one and is not parametrized.
+    if "pyncette_backend" not in metafunc.fixturenames or "backend" in _marker_options(metafunc.definition):
+        return
+    backends = metafunc.config.stash[_BACKENDS_KEY]
+    if len(backends) > 1:
+        metafunc.parametrize("pyncette_backend", backends, indirect=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -208,17 +252,44 @@ def pyncette_target(request: pytest.FixtureRequest) -> Pyncette | None:
         raise pytest.UsageError(f"{request.node.nodeid}: pyncette app {error}") from None
 
 
+@pytest.fixture
+def pyncette_backend(request: pytest.FixtureRequest) -> str | Callable[..., Any]:
+    """The backend ``pyncette_app`` runs on: the marker's ``backend=``, else the configured one(s)
+    (``--pyncette-backend``, the ini option ``pyncette_backend``), else ``"memory"``. A real backend
+    whose server cannot be reached skips the test with the reason, and fails it when ``CI`` is set."""
+    marked = _marker_options(request.node).get("backend")
+    backend: str | Callable[..., Any] = (
+        marked if marked is not None else getattr(request, "param", request.config.stash[_BACKENDS_KEY][0])
+    )
+    if isinstance(backend, str):
+        if backend not in BACKENDS:
+            raise pytest.UsageError(
+                f"{request.node.nodeid}: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"
+            )
+        reason = backend_unavailable(backend)
+        if reason is not None:
+            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+                pytest.fail(f"the {backend} backend is required under CI but unavailable: {reason}", pytrace=False)
+            pytest.skip(f"{backend} backend unavailable: {reason}")
+    return backend
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def pyncette_app(
-    request: pytest.FixtureRequest, pyncette_clock: VirtualClock, pyncette_target: Pyncette | None
+    request: pytest.FixtureRequest,
+    pyncette_clock: VirtualClock,
+    pyncette_target: Pyncette | None,
+    pyncette_backend: str | Callable[..., Any],
 ) -> AsyncIterator[Simulation]:
-    """An entered :class:`Simulation` of ``pyncette_target`` on this test's virtual loop."""
+    """An entered :class:`Simulation` of ``pyncette_target`` on ``pyncette_backend``, on this test's virtual loop."""
     _require_async_test(request, "pyncette_app")
-    options = {key: value for key, value in _marker_options(request.node).items() if key not in ("start", "app")}
+    options = {
+        key: value for key, value in _marker_options(request.node).items() if key not in ("start", "app", "backend")
+    }
     seed = request.config.getoption("pyncette_seed")
     if seed is not None and "seed" not in options:
         options["seed"] = seed
-    async with Simulation(pyncette_target, **options) as simulation:
+    async with Simulation(pyncette_target, backend=pyncette_backend, **options) as simulation:
         yield simulation
 
 

@@ -25,6 +25,7 @@ from pyncette.task import PartitionedTask, Task, _TaskPartition
 
 from .boundary import _recording_middleware, _SimulationRepository
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
+from .backends import IsolatedBackend, _check_name, isolated_backend
 from .elision import TickElision
 from .errors import SimulationStalled
 from .faults import Faults
@@ -32,7 +33,6 @@ from .journal import Event, Execution, Journal, Outcome, _Entry, render_timeline
 from .loop import VirtualTimeLoop, describe_task
 from .repository import memory_repository
 from .store import InMemoryStore
-from .tracking import track_io
 from .worker import Worker
 
 __all__ = ["Simulation", "SimulationReport", "TaskSummary", "Worker", "simulate"]
@@ -157,9 +157,13 @@ def summarize(executions: Iterable[Execution]) -> dict[str, TaskSummary]:
 class Simulation:
     """Run a Pyncette app (or inline tasks) on an in-memory store under virtual time.
 
-    ``async with Simulation(app, start=..., poll_interval=None, backend=memory_repository,
+    ``async with Simulation(app, start=..., poll_interval=None, backend="memory",
     store=None, seed=0, **config_overrides) as sim:`` — then move time with :meth:`advance` and
     read what happened with :meth:`executions` and :meth:`assert_executed`.
+
+    ``backend`` is a name ("memory", "sqlite", "redis", "postgres") or any Pyncette repository
+    factory, configured by ``config_overrides`` (``redis_url=...``); a real backend runs under
+    ``track_io`` in a namespace of its own, removed at shutdown (see :func:`isolated_backend`).
     """
 
     def __init__(
@@ -168,7 +172,7 @@ class Simulation:
         *,
         start: datetime.datetime | str | None = None,
         poll_interval: Duration | None = None,
-        backend: RepositoryFactory = memory_repository,
+        backend: str | RepositoryFactory = "memory",
         store: InMemoryStore | None = None,
         seed: int = 0,
         workers: int = 1,
@@ -181,8 +185,10 @@ class Simulation:
             raise TypeError(f"app must be a Pyncette app or None, got {type(app).__name__}")
         if store is not None and not isinstance(store, InMemoryStore):
             raise TypeError(f"store must be an InMemoryStore, got {type(store).__name__}")
-        if not callable(backend):
-            raise TypeError(f"backend must be a Pyncette repository factory, got {backend!r}")
+        if isinstance(backend, str):
+            _check_name(backend)
+        elif not callable(backend):
+            raise TypeError(f"backend must be a backend name or a Pyncette repository factory, got {backend!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -197,7 +203,9 @@ class Simulation:
             raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
         self._shutdown_timeout = to_seconds(shutdown_timeout, what="shutdown_timeout")
         self._backend = backend
-        self._is_memory = backend is memory_repository
+        self._is_memory = backend in ("memory", memory_repository)
+        self._backend_scope = contextlib.AsyncExitStack()
+        self._backend_lock = asyncio.Lock()
         self._store = store if store is not None else InMemoryStore()
         self._seed = seed
         self.random = random.Random(seed)
@@ -219,6 +227,7 @@ class Simulation:
         # Idle ticks are skipped on the in-memory store, whose due times can be read directly.
         self._elide = bool(elide_idle_ticks) and self._is_memory
         self._elision: TickElision | None = None
+        self._isolated: IsolatedBackend | None = None
         self._state = "new"  # new -> entered -> started -> ended
         self._window_end: datetime.datetime | None = None
 
@@ -286,6 +295,17 @@ class Simulation:
         elif self._start_request is not None and self._start_request != clock.now():
             clock._restart_at(self._start_request)
         self._clock = clock
+        try:
+            self._isolated = await self._backend_scope.enter_async_context(
+                isolated_backend(self._backend, **self._config)
+            )
+        except BaseException:
+            if self._owns_clock:
+                clock.__exit__(None, None, None)
+            raise
+        self._config = (
+            {**self._isolated.config, "memory_store": self._store} if self._is_memory else self._isolated.config
+        )
         self._journal.instant = clock._instant_at  # the clock's, so that it never keeps the simulation alive
         if self._elide:
             self._elision = TickElision(loop, clock, self._store, blocked=self.faults.blocks_elision)
@@ -324,8 +344,11 @@ class Simulation:
             if self._elision is not None:
                 self._elision.close()
             self._journal.release_frames()
-            if self._owns_clock and self._clock is not None:
-                self._clock.__exit__(None, None, None)
+            try:
+                await self._backend_scope.aclose()  # the namespace of a real backend is removed
+            finally:
+                if self._owns_clock and self._clock is not None:
+                    self._clock.__exit__(None, None, None)
 
     async def _dispose_crashed(self) -> None:
         """Let crashed incarnations unwind (their repository calls are refused) now that the
@@ -442,13 +465,14 @@ class Simulation:
             self._template if source is None else source,
             repository_factory=self._repository_factory(worker, worker._group),
             poll_interval=self._poll_interval,
-            configuration={**self._config, "memory_store": self._store} if self._is_memory else self._config,
+            configuration=self._config,
             fixtures=self._fixture_overrides,
             middlewares=[self._recording_middleware(name)],
         )
 
     def _repository_factory(self, worker: Worker, group: object) -> RepositoryFactory:
-        backend = self._backend if self._is_memory else track_io(self._backend)
+        assert self._isolated is not None, "workers are made once the simulation is entered"
+        backend = self._isolated.factory
         simulation = self
 
         @contextlib.asynccontextmanager

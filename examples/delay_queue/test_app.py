@@ -37,7 +37,7 @@ async def test_a_message_is_delivered_at_its_instant_and_then_disappears(pyncett
     await pyncette_app.advance(seconds=1)
     assert client.delivered == [("https://a.example/hook", {"id": 1}, START + datetime.timedelta(minutes=5))]
     pyncette_app.assert_executed(queue.deliver, times=1, outcome=Outcome.SUCCEEDED)
-    assert len(pyncette_app.store) == 0  # once-off instances are deleted after their run
+    assert (await pyncette_app.list_tasks(queue.deliver)).tasks == []  # once-off instances are deleted after their run
 
 
 @pytest.mark.pyncette(start=START)
@@ -70,7 +70,7 @@ async def test_it_gives_up_after_the_last_attempt(pyncette_app: Simulation) -> N
     pyncette_app.assert_executed(queue.deliver, times=queue.MAX_ATTEMPTS)
     assert client.gave_up == [f"m3-attempt-{queue.MAX_ATTEMPTS}"]
     assert client.delivered == []
-    assert len(pyncette_app.store) == 0
+    assert (await pyncette_app.list_tasks(queue.deliver)).tasks == []
 
 
 @pytest.mark.pyncette(start=START)

@@ -1,0 +1,200 @@
+"""Backends by name, each simulation in its own namespace on a shared server.
+
+``"memory"`` is the in-memory store; ``"sqlite"``, ``"redis"`` and ``"postgres"`` are Pyncette's own
+backends, run under :func:`track_io`. Servers come from the usual environment variables
+(``REDIS_URL``; ``POSTGRES_URL``, else ``DATABASE_URL``). Unless the caller names the namespace
+itself, every :func:`isolated_backend` gets a fresh one (a sqlite file in a temporary folder, a
+redis key prefix, a postgres table) and removes it on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import random
+import shutil
+import socket
+import string
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from .repository import memory_repository
+from .tracking import held, track_io
+
+__all__ = ["BACKENDS", "IsolatedBackend", "backend_unavailable", "isolated_backend"]
+
+RepositoryFactory = Callable[..., Any]
+
+BACKENDS = ("memory", "sqlite", "redis", "postgres")
+"""The backends known by name, in the order the conformance suite runs them."""
+
+_FACTORIES = {
+    "sqlite": ("pyncette.sqlite", "sqlite_repository", "aiosqlite"),
+    "redis": ("pyncette.redis", "redis_repository", "redis"),
+    "postgres": ("pyncette.postgres", "postgres_repository", "postgres"),
+}
+_URLS = {
+    "redis": (("REDIS_URL",), "redis_url", "redis://localhost:6379/0"),
+    "postgres": (("POSTGRES_URL", "DATABASE_URL"), "postgres_url", "postgresql://postgres@localhost:5432/postgres"),
+}
+_DEFAULT_PORTS = {"redis": 6379, "postgres": 5432}
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {name!r}; use one of {', '.join(BACKENDS)} or pass a Pyncette repository factory"
+        )
+
+
+def server_url(name: str) -> str:
+    """The server URL for ``name`` ("redis" or "postgres"), from the environment or the local default."""
+    variables, _, default = _URLS[name]
+    for variable in variables:
+        if os.environ.get(variable):
+            return os.environ[variable]
+    return default
+
+
+def _factory(name: str) -> RepositoryFactory:
+    if name == "memory":
+        return memory_repository
+    module_name, attribute, extra = _FACTORIES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(
+            f"the {name} backend needs its driver ({error.name} is missing): pip install 'pyncette[{extra}]'"
+        ) from error
+    factory: RepositoryFactory = getattr(module, attribute)
+    return factory
+
+
+def _name_of(factory: RepositoryFactory) -> str | None:
+    """The backend name of one of Pyncette's own factories (tracked or not), else None."""
+    inner = getattr(factory, "__wrapped__", factory)
+    if inner is memory_repository:
+        return "memory"
+    for name, (module_name, attribute, _) in _FACTORIES.items():
+        if getattr(inner, "__module__", None) == module_name and getattr(inner, "__name__", None) == attribute:
+            return name
+    return None
+
+
+_unavailable_cache: dict[tuple[str, str], str | None] = {}
+
+
+def backend_unavailable(name: str) -> str | None:
+    """Why the backend ``name`` cannot be used here (driver missing, server unreachable), or None."""
+    _check_name(name)
+    if name in ("memory", "sqlite"):
+        return None
+    url = server_url(name)
+    key = (name, url)
+    if key not in _unavailable_cache:
+        _unavailable_cache[key] = _probe(name, url)
+    return _unavailable_cache[key]
+
+
+def _probe(name: str, url: str) -> str | None:
+    try:
+        _factory(name)
+    except ImportError as error:
+        return str(error)
+    parts = urlsplit(url)
+    host, port = parts.hostname or "localhost", parts.port or _DEFAULT_PORTS[name]
+    variable = _URLS[name][0][0]
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return None
+    except OSError as error:
+        return f"no {name} server at {url} ({error.strerror or error}); start one or set {variable}"
+
+
+@dataclasses.dataclass
+class IsolatedBackend:
+    """A repository factory and the configuration that points it at a private namespace."""
+
+    name: str | None
+    """"memory", "sqlite", "redis", "postgres", or None for a custom factory."""
+    factory: RepositoryFactory
+    """The factory to give Pyncette: under ``track_io`` unless it is the in-memory one."""
+    config: dict[str, Any]
+    """Pyncette configuration for the factory (URL, namespace), the caller's keys included."""
+
+
+@contextlib.asynccontextmanager
+async def isolated_backend(
+    backend: str | RepositoryFactory = "memory", **config: Any
+) -> AsyncIterator[IsolatedBackend]:
+    """Resolve ``backend`` (a name or a factory) and give it a namespace of its own for the block.
+
+    ``async with isolated_backend("redis") as b: app = Pyncette(repository_factory=b.factory, **b.config)``.
+    A namespace the caller sets (``sqlite_database``, ``redis_namespace``, ``postgres_table_name``) is
+    used as it is and left in place; one made here is removed on exit.
+    """
+    if isinstance(backend, str):
+        _check_name(backend)
+        name: str | None = backend
+        factory = _factory(backend)
+    elif callable(backend):
+        factory = backend
+        name = _name_of(backend)
+    else:
+        raise TypeError(f"backend must be a backend name or a Pyncette repository factory, got {backend!r}")
+    config = dict(config)
+    if name in _URLS:
+        _, key, _ = _URLS[name]
+        config.setdefault(key, server_url(name))
+    cleanup = _claim_namespace(name, config)
+    try:
+        yield IsolatedBackend(name, factory if name == "memory" else track_io(factory), config)
+    finally:
+        if cleanup is not None:
+            await held(cleanup())
+
+
+def _claim_namespace(name: str | None, config: dict[str, Any]) -> Callable[[], Any] | None:
+    """Set a fresh namespace in ``config`` unless the caller chose one; return how to remove it."""
+    if name == "sqlite" and "sqlite_database" not in config:
+        # A file, not ":memory:": every worker of a simulation must see the same database.
+        folder = tempfile.mkdtemp(prefix="pyncette-testing-")
+        config["sqlite_database"] = os.path.join(folder, "pyncette.db")
+
+        async def remove_folder() -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+        return remove_folder
+    if name == "redis" and "redis_namespace" not in config:
+        namespace = config["redis_namespace"] = f"pyncette-testing-{uuid.uuid4().hex}"
+        return lambda: _delete_redis_namespace(config["redis_url"], namespace)
+    if name == "postgres" and "postgres_table_name" not in config:
+        # Pyncette accepts only lower-case letters and underscores in table names.
+        suffix = "".join(random.SystemRandom().choices(string.ascii_lowercase, k=16))
+        table = config["postgres_table_name"] = f"pyncette_testing_{suffix}"
+        return lambda: _drop_postgres_table(config["postgres_url"], table)
+    return None
+
+
+async def _delete_redis_namespace(url: str, namespace: str) -> None:
+    import redis.asyncio
+
+    async with redis.asyncio.from_url(url) as client:
+        keys = [key async for key in client.scan_iter(match=f"pyncette:{namespace}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+
+
+async def _drop_postgres_table(url: str, table: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f"DROP TABLE IF EXISTS {table}")
+    finally:
+        await connection.close()
