@@ -23,9 +23,9 @@ from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository, RepositoryFactory
 from pyncette.task import PartitionedTask, Task, _TaskPartition
 
+from .backends import IsolatedBackend, _check_name, isolated_backend
 from .boundary import _recording_middleware, _SimulationRepository
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
-from .backends import IsolatedBackend, _check_name, isolated_backend
 from .elision import TickElision
 from .errors import SimulationStalled
 from .faults import Faults
