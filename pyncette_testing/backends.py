@@ -147,6 +147,8 @@ async def isolated_backend(
         name = _name_of(backend)
     else:
         raise TypeError(f"backend must be a backend name or a Pyncette repository factory, got {backend!r}")
+    if name == "postgres" and _name_of(factory) == "postgres":
+        factory = _postgres_repository
     config = dict(config)
     if name in _URLS:
         _, key, _ = _URLS[name]
@@ -157,6 +159,26 @@ async def isolated_backend(
     finally:
         if cleanup is not None:
             await held(cleanup())
+
+
+@contextlib.asynccontextmanager
+async def _postgres_repository(**kwargs: Any) -> AsyncIterator[Any]:
+    """Pyncette's ``postgres_repository`` with a pool fit for virtual time: one connection to start
+    with, and no idle timers (asyncpg's connection and statement-cache expiry timers would keep idle
+    ticks from being skipped, and reconnecting costs real time)."""
+    import asyncpg
+    from pyncette.postgres import PostgresRepository
+
+    pool = await asyncpg.create_pool(
+        kwargs["postgres_url"], min_size=1, max_inactive_connection_lifetime=0, max_cached_statement_lifetime=0
+    )
+    try:
+        repository = PostgresRepository(pool, **kwargs)
+        if not kwargs.get("postgres_skip_table_create", False):
+            await repository.initialize()
+        yield repository
+    finally:
+        await pool.close()
 
 
 def _claim_namespace(name: str | None, config: dict[str, Any]) -> Callable[[], Any] | None:

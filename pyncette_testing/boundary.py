@@ -75,12 +75,19 @@ class _SimulationRepository(_RepositoryProxy):
             else:
                 # One backend call at a time, in the order they were made: each is atomic, as on the
                 # in-memory store, and a run does not depend on how the server interleaves them.
+                due_times, result = simulation._due_times, None
                 async with simulation._backend_lock:
-                    with self._own_task_state(task):
-                        holds = (
-                            entry is not None and lease is not None and await self._holds_lease(args[0], task, lease)
-                        )
-                        result = await getattr(self._inner, operation)(*args)
+                    try:
+                        with self._own_task_state(task):
+                            holds = (
+                                entry is not None
+                                and lease is not None
+                                and await self._holds_lease(args[0], task, lease)
+                            )
+                            result = await getattr(self._inner, operation)(*args)
+                    finally:
+                        if due_times is not None:
+                            due_times.after(operation, task, result)
         except Exception:
             if entry is not None:
                 entry.settlement = Settlement.COMMIT_FAILED

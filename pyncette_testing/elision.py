@@ -9,31 +9,40 @@ are reproduced: the round-robin rotation of its task list and its ``last_tick``.
 
 Anything that makes ready work (a task body, a write by the test, another worker's commit) runs
 before the loop is idle again, so no write can ever fall inside a skipped stretch.
+
+Due times come from the in-memory store directly. On a real backend they are read from the backend
+itself (:class:`BackendDueTimes`): after any call that may have written, the first idle moment
+re-reads them (time held still) before anything is skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import datetime
 import heapq
 import math
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import dateutil.tz
 from pyncette.pyncette import PyncetteContext
+from pyncette.model import ResultType
+from pyncette.repository import Repository
 from pyncette.task import Task
 
 from .clock import VirtualClock
 from .loop import VirtualTimeLoop
 from .store import InMemoryStore
 
-__all__ = ["TickElision"]
+__all__ = ["BackendDueTimes", "TickElision"]
 
 _RUN_CODE = PyncetteContext.run.__code__
 _REPLAY_LIMIT = 2_000
+_READS = frozenset({"get_task_state", "list_task_states"})
 
 
 class _PollLoop:
@@ -73,14 +82,14 @@ class TickElision:
         self,
         loop: VirtualTimeLoop,
         clock: VirtualClock,
-        store: InMemoryStore,
+        due_times: InMemoryStore | BackendDueTimes,
         *,
         blocked: Callable[[], bool] = lambda: False,
     ) -> None:
         self._loop = loop
         self._blocked = blocked
         self._clock = clock
-        self._store = store
+        self._due_times: _DueTimes = _StoreDueTimes(due_times) if isinstance(due_times, InMemoryStore) else due_times
         self._start_us = _epoch_us(clock.start)
         self.enabled = True
         self.elided_ticks = 0
@@ -102,7 +111,7 @@ class TickElision:
     # -- the hook -----------------------------------------------------------------------------
 
     def __call__(self, loop: VirtualTimeLoop) -> None:
-        if not self.enabled or self._blocked():
+        if not self.enabled or self._blocked() or not self._due_times.current(loop):
             return
         waiter = loop._waiter
         horizon = waiter.horizon if waiter is not None else math.inf
@@ -143,7 +152,7 @@ class TickElision:
         tasks = state.task_list()
         if tasks is None:
             return 0
-        due = self._next_due(tasks)
+        due = self._due_times.next_due(tasks)
         if due is None or due <= self._wall(when, state):
             return 0  # its next tick has work (or must run): nothing to skip
         period = state.poll_interval
@@ -161,23 +170,6 @@ class TickElision:
         if not math.isinf(horizon) and _grid(when, period, skipped) > horizon:
             skipped = max(0, math.floor((horizon - when) / period) + 1) if when <= horizon else 0
         return skipped
-
-    def _next_due(self, tasks: collections.deque[Task]) -> float | None:
-        """The earliest timestamp at which a poll of one of ``tasks`` can find work; ``inf`` if
-        none ever can, ``None`` if the next tick must run (a static task not yet in the store)."""
-        store = self._store
-        earliest = math.inf
-        for task in tasks:
-            if task.dynamic:
-                index = store._due.get(task.canonical_name)
-                if index:
-                    earliest = min(earliest, index[0][0][0])
-                continue
-            row = store._row(task.canonical_name)
-            if row is None or row.execute_after is None:
-                return None
-            earliest = min(earliest, max(row.locked_until or 0.0, row.execute_after))
-        return earliest
 
     # -- time conversions: the same arithmetic as the clock's -------------------------------------
 
@@ -205,6 +197,138 @@ class TickElision:
                 state.context._last_tick = _utc(microseconds)
             if done >= count:
                 state.stretch = None
+
+
+class _DueTimes(Protocol):
+    def current(self, loop: VirtualTimeLoop) -> bool:
+        """Whether the due times can be read now (else they are being fetched)."""
+
+    def next_due(self, tasks: Iterable[Task]) -> float | None:
+        """The earliest timestamp at which a poll of one of ``tasks`` can find work; ``inf`` if
+        none ever can, ``None`` if the next tick must run (a static task not yet stored)."""
+
+
+class _StoreDueTimes:
+    """Due times read straight from the in-memory store's indexes."""
+
+    def __init__(self, store: InMemoryStore) -> None:
+        self._store = store
+
+    def current(self, loop: VirtualTimeLoop) -> bool:
+        return True
+
+    def next_due(self, tasks: Iterable[Task]) -> float | None:
+        store = self._store
+        earliest = math.inf
+        for task in tasks:
+            if task.dynamic:
+                index = store._due.get(task.canonical_name)
+                if index:
+                    earliest = min(earliest, index[0][0][0])
+                continue
+            row = store._row(task.canonical_name)
+            if row is None or row.execute_after is None:
+                return None
+            earliest = min(earliest, max(row.locked_until or 0.0, row.execute_after))
+        return earliest
+
+
+class BackendDueTimes:
+    """Due times of a real backend, read through a repository of their own.
+
+    The simulation calls :meth:`written` after every repository call that may have changed the
+    store. The next idle moment then starts a read of every task's state (with time held still) and
+    skips nothing until it is done; the idle moment after that uses what it read.
+    """
+
+    def __init__(
+        self,
+        open_repository: Callable[[], contextlib.AbstractAsyncContextManager[Repository]],
+        now: Callable[[], datetime.datetime],
+    ) -> None:
+        self._open = open_repository
+        self._now = now
+        self._scope = contextlib.AsyncExitStack()
+        self._repository: Repository | None = None
+        self._stale = True
+        self._reading: asyncio.Task[None] | None = None
+        self._due: dict[str, float | None] = {}
+
+    def after(self, operation: str, task: Task | None, result: Any) -> None:
+        """Note a repository call (``result`` is None if it raised): re-read unless it cannot have written."""
+        if operation in _READS:
+            return
+        if operation == "poll_task" and getattr(result, "result", None) in (ResultType.PENDING, ResultType.LOCKED):
+            if task is not None and self._due.get(task.canonical_name) is not None:
+                return  # only a first poll of a static task writes when it finds nothing to do
+        if operation == "poll_dynamic_task" and result is not None and not result.tasks:
+            return
+        self._stale = True
+
+    def current(self, loop: VirtualTimeLoop) -> bool:
+        if not self._stale:
+            return True
+        if self._reading is None:
+            tasks = {
+                task.canonical_name: task for state in loop._tick_tasks.values() for task in (state.task_list() or ())
+            }
+            # A context of its own: the read must not belong to (and freeze with) a worker's group.
+            self._reading = contextvars.Context().run(loop.create_task, self._read(loop, list(tasks.values())))
+        return False
+
+    def next_due(self, tasks: Iterable[Task]) -> float | None:
+        earliest = math.inf
+        for task in tasks:
+            due = self._due.get(task.canonical_name)
+            if due is None:
+                return None
+            earliest = min(earliest, due)
+        return earliest
+
+    async def _read(self, loop: VirtualTimeLoop, tasks: list[Task]) -> None:
+        try:
+            self._stale = False  # a write from here on makes the next idle moment read again
+            if self._repository is None:
+                self._repository = await self._scope.enter_async_context(self._open())
+            now = self._now()
+            due: dict[str, float | None] = {}
+            for task in tasks:
+                due[task.canonical_name] = await (
+                    self._earliest_instance(now, task) if task.dynamic else self._static_due(now, task)
+                )
+            self._due = due
+        except BaseException:
+            self._stale = True
+            raise
+        finally:
+            self._reading = None
+
+    async def _static_due(self, now: datetime.datetime, task: Task) -> float | None:
+        assert self._repository is not None
+        state = await self._repository.get_task_state(now, task)
+        if state is None or state.scheduled_at is None:
+            return None
+        locked_until = state.locked_until.timestamp() if state.locked_until is not None else 0.0
+        return max(locked_until, state.scheduled_at.timestamp())
+
+    async def _earliest_instance(self, now: datetime.datetime, template: Task) -> float:
+        assert self._repository is not None
+        earliest, token = math.inf, None
+        while True:
+            page = await self._repository.list_task_states(now, template, None, token)
+            for state in page.tasks:
+                locked_until = state.locked_until.timestamp() if state.locked_until is not None else 0.0
+                earliest = min(earliest, max(locked_until, state.scheduled_at.timestamp()))
+            token = page.continuation_token
+            if token is None:
+                return earliest
+
+    async def aclose(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
+        await self._scope.aclose()
 
 
 def _tick_order(

@@ -26,7 +26,7 @@ from pyncette.task import PartitionedTask, Task, _TaskPartition
 from .backends import IsolatedBackend, _check_name, isolated_backend
 from .boundary import _recording_middleware, _SimulationRepository
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
-from .elision import TickElision
+from .elision import BackendDueTimes, TickElision
 from .errors import SimulationStalled
 from .faults import Faults
 from .journal import Event, Execution, Journal, Outcome, _Entry, render_timeline
@@ -224,10 +224,10 @@ class Simulation:
         self._workers: list[Worker] = []
         self._clock: VirtualClock | None = None
         self._owns_clock = False
-        # Idle ticks are skipped on the in-memory store, whose due times can be read directly.
-        self._elide = bool(elide_idle_ticks) and self._is_memory
+        self._elide = bool(elide_idle_ticks)
         self._elision: TickElision | None = None
         self._isolated: IsolatedBackend | None = None
+        self._due_times: BackendDueTimes | None = None  # a real backend's, for elision
         self._state = "new"  # new -> entered -> started -> ended
         self._window_end: datetime.datetime | None = None
 
@@ -308,7 +308,11 @@ class Simulation:
         )
         self._journal.instant = clock._instant_at  # the clock's, so that it never keeps the simulation alive
         if self._elide:
-            self._elision = TickElision(loop, clock, self._store, blocked=self.faults.blocks_elision)
+            if not self._is_memory:
+                isolated = self._isolated
+                self._due_times = BackendDueTimes(lambda: isolated.factory(**isolated.config), clock.now)
+            due_times = self._store if self._due_times is None else self._due_times
+            self._elision = TickElision(loop, clock, due_times, blocked=self.faults.blocks_elision)
         self._state = "entered"
         for _ in range(self._initial_workers):
             self._add_worker_object(None, None)
@@ -345,6 +349,8 @@ class Simulation:
                 self._elision.close()
             self._journal.release_frames()
             try:
+                if self._due_times is not None:
+                    await self._due_times.aclose()
                 await self._backend_scope.aclose()  # the namespace of a real backend is removed
             finally:
                 if self._owns_clock and self._clock is not None:
@@ -477,7 +483,10 @@ class Simulation:
 
         @contextlib.asynccontextmanager
         async def factory(**config: Any) -> AsyncIterator[Repository]:
-            async with backend(**config) as repository:
+            async with contextlib.AsyncExitStack() as stack:
+                # One at a time, like every backend call: workers set up the same table at the same instant.
+                async with simulation._backend_lock:
+                    repository = await stack.enter_async_context(backend(**config))
                 yield _SimulationRepository(repository, simulation, worker, group)
 
         return factory
