@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import dateutil.tz
-from pyncette.pyncette import PyncetteContext
 from pyncette.model import ResultType
+from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository
 from pyncette.task import Task
 
@@ -258,9 +258,13 @@ class BackendDueTimes:
         """Note a repository call (``result`` is None if it raised): re-read unless it cannot have written."""
         if operation in _READS:
             return
-        if operation == "poll_task" and getattr(result, "result", None) in (ResultType.PENDING, ResultType.LOCKED):
-            if task is not None and self._due.get(task.canonical_name) is not None:
-                return  # only a first poll of a static task writes when it finds nothing to do
+        if (
+            operation == "poll_task"
+            and getattr(result, "result", None) in (ResultType.PENDING, ResultType.LOCKED)
+            and task is not None
+            and self._due.get(task.canonical_name) is not None
+        ):
+            return  # only a first poll of a static task writes when it finds nothing to do
         if operation == "poll_dynamic_task" and result is not None and not result.tasks:
             return
         self._stale = True
