@@ -8,6 +8,7 @@ import pytest
 # this must come before those modules are imported.
 pytest.register_assert_rewrite("pyncette_testing.simulation", "pyncette_testing.strategies")
 
+from .backends import BACKENDS, IsolatedBackend, backend_unavailable, isolated_backend
 from .clock import VirtualClock
 from .errors import SimulationStalled
 from .journal import Event, Execution, Outcome, Settlement
@@ -18,10 +19,12 @@ from .store import InMemoryStore, TaskRecord
 from .tracking import track_io
 
 __all__ = [
+    "BACKENDS",
     "Event",
     "Execution",
     "InMemoryRepository",
     "InMemoryStore",
+    "IsolatedBackend",
     "Outcome",
     "Simulation",
     "SimulationReport",
@@ -32,6 +35,8 @@ __all__ = [
     "VirtualClock",
     "VirtualTimeLoop",
     "Worker",
+    "backend_unavailable",
+    "isolated_backend",
     "memory_repository",
     "simulate",
     "track_io",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import importlib
 import os
 import random
@@ -220,3 +221,68 @@ async def _drop_postgres_table(url: str, table: str) -> None:
         await connection.execute(f"DROP TABLE IF EXISTS {table}")
     finally:
         await connection.close()
+
+
+async def force_lease(
+    repository: Any, name: str, locked_until: datetime.datetime, locked_by: str | None, *, new_holder: bool
+) -> None:
+    """Write the lease of the stored task ``name`` straight into a real backend, as a lease running
+    out (``new_holder=False``: only ``locked_until`` changes) or passing to another worker
+    (``new_holder=True``: ``locked_by`` too, and redis's record version, as another worker's poll would).
+    The lease faults' way into sqlite, redis and postgres; nothing in Pyncette's API can do it."""
+    inner = getattr(repository, "_inner", repository)
+    module = type(inner).__module__
+    if module == "pyncette.sqlite":
+        async with inner._transaction():
+            await inner._connection.execute_fetchall(
+                f"UPDATE {inner._table_name} SET locked_until = ?, locked_by = COALESCE(?, locked_by) WHERE name = ?",
+                (locked_until.timestamp(), locked_by, name),
+            )
+    elif module == "pyncette.postgres":
+        async with inner._pool.acquire() as connection:
+            await connection.execute(
+                f"UPDATE {inner._table_name} SET locked_until = $1, locked_by = COALESCE($2::uuid, locked_by) "
+                "WHERE name = $3",
+                locked_until,
+                locked_by,
+                name,
+            )
+    elif module.startswith("pyncette.redis"):
+        await _force_redis_lease(inner, name, locked_until, locked_by, new_holder)
+    else:
+        raise NotImplementedError(
+            f"lease faults write the stored lease directly, which is not supported for {type(inner).__name__}; "
+            "they work on memory, sqlite, redis and postgres"
+        )
+
+
+async def _force_redis_lease(
+    inner: Any, name: str, locked_until: datetime.datetime, locked_by: str | None, new_holder: bool
+) -> None:
+    client = inner._redis_client
+    key = f"pyncette:{inner._namespace}:task:{name}"
+    version, execute_after, old_until = await client.hmget(key, "version", "execute_after", "locked_until")
+    if version is None:
+        return
+    until = locked_until.astimezone(datetime.timezone.utc).isoformat().encode()
+
+    # The index entry is "<max(locked_until, execute_after)>_<record key>", as manage.lua keeps it.
+    def member(until_value: bytes | None) -> bytes:
+        due = until_value if until_value and until_value >= execute_after else execute_after
+        return due + b"_" + key.encode()
+
+    old = member(old_until)
+    index = None
+    async for candidate in client.scan_iter(match=f"pyncette:{inner._namespace}:index*"):
+        if await client.zscore(candidate, old) is not None:
+            index = candidate
+            break
+    fields: dict[str, Any] = {"locked_until": until}
+    if new_holder:
+        fields.update(locked_by=locked_by, version=int(version) + 1)
+    async with client.pipeline(transaction=True) as pipe:
+        if index is not None:
+            pipe.zrem(index, old)
+            pipe.zadd(index, {member(until): 0})
+        pipe.hset(key, mapping=fields)
+        await pipe.execute()

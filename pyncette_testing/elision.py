@@ -25,11 +25,11 @@ import datetime
 import heapq
 import math
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import dateutil.tz
-from pyncette.model import ResultType
+from pyncette.model import ResultType, TaskState
 from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository
 from pyncette.task import Task
@@ -234,7 +234,7 @@ class _StoreDueTimes:
 
 
 class BackendDueTimes:
-    """Due times of a real backend, read through a repository of their own.
+    """Due times of a real backend, read through the simulation's own repository (no worker's).
 
     The simulation calls :meth:`written` after every repository call that may have changed the
     store. The next idle moment then starts a read of every task's state (with time held still) and
@@ -243,13 +243,11 @@ class BackendDueTimes:
 
     def __init__(
         self,
-        open_repository: Callable[[], contextlib.AbstractAsyncContextManager[Repository]],
+        repository: Callable[[], Awaitable[Repository]],
         now: Callable[[], datetime.datetime],
     ) -> None:
-        self._open = open_repository
+        self._repository = repository
         self._now = now
-        self._scope = contextlib.AsyncExitStack()
-        self._repository: Repository | None = None
         self._stale = True
         self._reading: asyncio.Task[None] | None = None
         self._due: dict[str, float | None] = {}
@@ -292,13 +290,12 @@ class BackendDueTimes:
     async def _read(self, loop: VirtualTimeLoop, tasks: list[Task]) -> None:
         try:
             self._stale = False  # a write from here on makes the next idle moment read again
-            if self._repository is None:
-                self._repository = await self._scope.enter_async_context(self._open())
+            repository = await self._repository()
             now = self._now()
             due: dict[str, float | None] = {}
             for task in tasks:
                 due[task.canonical_name] = await (
-                    self._earliest_instance(now, task) if task.dynamic else self._static_due(now, task)
+                    _earliest_instance(repository, now, task) if task.dynamic else _static_due(repository, now, task)
                 )
             self._due = due
         except BaseException:
@@ -307,32 +304,34 @@ class BackendDueTimes:
         finally:
             self._reading = None
 
-    async def _static_due(self, now: datetime.datetime, task: Task) -> float | None:
-        assert self._repository is not None
-        state = await self._repository.get_task_state(now, task)
-        if state is None or state.scheduled_at is None:
-            return None
-        locked_until = state.locked_until.timestamp() if state.locked_until is not None else 0.0
-        return max(locked_until, state.scheduled_at.timestamp())
-
-    async def _earliest_instance(self, now: datetime.datetime, template: Task) -> float:
-        assert self._repository is not None
-        earliest, token = math.inf, None
-        while True:
-            page = await self._repository.list_task_states(now, template, None, token)
-            for state in page.tasks:
-                locked_until = state.locked_until.timestamp() if state.locked_until is not None else 0.0
-                earliest = min(earliest, max(locked_until, state.scheduled_at.timestamp()))
-            token = page.continuation_token
-            if token is None:
-                return earliest
-
     async def aclose(self) -> None:
         if self._reading is not None:
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reading
-        await self._scope.aclose()
+
+
+async def _static_due(repository: Repository, now: datetime.datetime, task: Task) -> float | None:
+    state = await repository.get_task_state(now, task)
+    if state is None or state.scheduled_at is None:
+        return None
+    return _due(state)
+
+
+async def _earliest_instance(repository: Repository, now: datetime.datetime, template: Task) -> float:
+    earliest, token = math.inf, None
+    while True:
+        page = await repository.list_task_states(now, template, None, token)
+        earliest = min([earliest, *(_due(state) for state in page.tasks)])
+        token = page.continuation_token
+        if token is None:
+            return earliest
+
+
+def _due(state: TaskState) -> float:
+    """When a poll can next find the task: its schedule, or its lease's expiry if later."""
+    locked_until = state.locked_until.timestamp() if state.locked_until is not None else 0.0
+    return max(locked_until, state.scheduled_at.timestamp())
 
 
 def _tick_order(

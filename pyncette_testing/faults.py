@@ -6,6 +6,7 @@ is reproducible. Repository faults act at the one boundary between Pyncette and 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import datetime
 import random
@@ -15,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from pyncette.task import Task
 
+from .backends import force_lease
 from .clock import to_seconds, to_utc
+from .journal import Outcome, Settlement
+from .tracking import held
 
 if TYPE_CHECKING:
     from .simulation import Simulation, Worker
@@ -248,26 +252,37 @@ class Faults:
 
     def expire_lease(self, task: Task | str) -> None:
         """The lease on ``task`` (a running execution's) expires now: the next poll can take it."""
-        row, name = self._locked_row(task)
-        store = self._simulation.store
-        now = self._simulation.now.timestamp()
-        store._update(row, execute_after=row.execute_after, locked_until=now, locked_by=row.locked_by)
-        store._changed()
+        name = task_label(task)
+        if self._simulation._is_memory:
+            row, _ = self._locked_row(task)
+            store = self._simulation.store
+            now = self._simulation.now.timestamp()
+            store._update(row, execute_after=row.execute_after, locked_until=now, locked_by=row.locked_by)
+            store._changed()
+        else:
+            self._check_leased(name)
+            self._write_lease(name, self._simulation.now, None)
         self._journal("lease expired", None, name, "forced")
 
     def steal_lease(self, task: Task | str, by: Worker | str) -> None:
         """Another worker takes the lease on ``task``: the running execution's commit will be refused."""
         thief = self._worker_name(by)
-        row, name = self._locked_row(task)
+        name = task_label(task)
         lease_duration = self._lease_duration(name)
-        store = self._simulation.store
-        store._update(
-            row,
-            execute_after=row.execute_after,
-            locked_until=self._simulation.now.timestamp() + lease_duration,
-            locked_by=str(uuid.uuid4()),
-        )
-        store._changed()
+        if self._simulation._is_memory:
+            row, _ = self._locked_row(task)
+            store = self._simulation.store
+            store._update(
+                row,
+                execute_after=row.execute_after,
+                locked_until=self._simulation.now.timestamp() + lease_duration,
+                locked_by=str(uuid.uuid4()),
+            )
+            store._changed()
+        else:
+            self._check_leased(name)
+            until = self._simulation.now + datetime.timedelta(seconds=lease_duration)
+            self._write_lease(name, until, str(uuid.uuid4()))
         self._journal("lease stolen", thief, name, f"by {thief}")
 
     # -- chaos --------------------------------------------------------------------------------------
@@ -354,6 +369,39 @@ class Faults:
         if row.locked_until is None or row.locked_until <= self._simulation.now.timestamp():
             raise ValueError(f"task {name!r} holds no lease now; lease faults act on a running AT_LEAST_ONCE execution")
         return row, name
+
+    def _check_leased(self, name: str) -> None:
+        """On a real backend, whose store cannot be read synchronously: the journal must show an
+        execution of ``name`` whose lease still holds (running, or crashed with its lease unexpired)."""
+        simulation = self._simulation
+        entries = [entry for entry in simulation._journal.entries if entry.task == name]
+        if not entries and name not in simulation._scheduled_instances and name not in simulation._static_names():
+            raise ValueError(f"no task {name!r} in the store; give a static task or a concrete dynamic instance")
+        now = simulation.clock.loop.time()
+        for entry in entries:
+            if entry.lease is None or entry.settlement is not Settlement.NONE:
+                continue
+            if entry.outcome is Outcome.RUNNING or (
+                entry.outcome is Outcome.CRASHED and entry.started_at + (entry.lease_duration or 0.0) > now
+            ):
+                return
+        raise ValueError(f"task {name!r} holds no lease now; lease faults act on a running AT_LEAST_ONCE execution")
+
+    def _write_lease(self, name: str, locked_until: datetime.datetime, locked_by: str | None) -> None:
+        """Write the lease on a real backend before any later repository call (time held still)."""
+        simulation = self._simulation
+
+        async def write() -> None:
+            async with simulation._backend_lock:
+                await held(
+                    force_lease(await simulation._admin(), name, locked_until, locked_by, new_holder=bool(locked_by))
+                )
+            if simulation._due_times is not None:
+                simulation._due_times.after("lease fault", None, None)
+
+        # A context of its own: the write must not belong to (and freeze with) a worker's group.
+        loop = simulation.clock.loop
+        simulation._background.append(contextvars.Context().run(loop.create_task, write()))
 
     def _lease_duration(self, name: str) -> float:
         for entry in reversed(self._simulation._journal.entries):

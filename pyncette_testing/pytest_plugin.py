@@ -175,6 +175,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # a marker's backend= pins one and is not parametrized.
     if "pyncette_backend" not in metafunc.fixturenames or "backend" in _marker_options(metafunc.definition):
         return
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0] if marker.args else marker.kwargs.get("argnames", "")
+        if "pyncette_backend" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
+            return  # the test chose its backends itself
     backends = metafunc.config.stash[_BACKENDS_KEY]
     if len(backends) > 1:
         metafunc.parametrize("pyncette_backend", backends, indirect=True)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import inspect
 import random
+import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -228,6 +230,8 @@ class Simulation:
         self._elision: TickElision | None = None
         self._isolated: IsolatedBackend | None = None
         self._due_times: BackendDueTimes | None = None  # a real backend's, for elision
+        self._admin_repository: Repository | None = None
+        self._background: list[asyncio.Task[None]] = []  # the lease faults' writes on a real backend
         self._state = "new"  # new -> entered -> started -> ended
         self._window_end: datetime.datetime | None = None
 
@@ -309,8 +313,7 @@ class Simulation:
         self._journal.instant = clock._instant_at  # the clock's, so that it never keeps the simulation alive
         if self._elide:
             if not self._is_memory:
-                isolated = self._isolated
-                self._due_times = BackendDueTimes(lambda: isolated.factory(**isolated.config), clock.now)
+                self._due_times = BackendDueTimes(self._admin, clock.now)
             due_times = self._store if self._due_times is None else self._due_times
             self._elision = TickElision(loop, clock, due_times, blocked=self.faults.blocks_elision)
         self._state = "entered"
@@ -349,6 +352,8 @@ class Simulation:
                 self._elision.close()
             self._journal.release_frames()
             try:
+                for write in self._background:
+                    await write  # a failed write is the test's error, not a silent one
                 if self._due_times is not None:
                     await self._due_times.aclose()
                 await self._backend_scope.aclose()  # the namespace of a real backend is removed
@@ -412,6 +417,20 @@ class Simulation:
         self._check_usable()
         if self._state != "started" or any(not worker.running and not worker.stopped for worker in self._workers):
             await self.start()
+
+    async def _admin(self) -> Repository:
+        """The simulation's own repository on the backend: no worker's, no faults, no journal. For
+        reading the store whatever the workers' state, and for the lease faults' writes."""
+        if self._admin_repository is None:
+            assert self._isolated is not None, "the backend is opened when the simulation is entered"
+            opening = self._backend_scope.enter_async_context(self._isolated.factory(**self._config))
+            # A context of its own: its connection must not belong to (and freeze with) a worker's group.
+            task = contextvars.Context().run(asyncio.get_running_loop().create_task, opening)
+            self._admin_repository = await task
+        return self._admin_repository
+
+    def _static_names(self) -> set[str]:
+        return {task.canonical_name for task in self._template._tasks if not task.dynamic}
 
     def _check_usable(self) -> None:
         if self._state == "new":
@@ -756,10 +775,13 @@ class Simulation:
         await context.unschedule_task(task, instance_name)
 
     async def get_task(self, task: Task, instance_name: str | None = None) -> TaskState | None:
-        """The stored state of a task or instance (``PyncetteContext.get_task``)."""
+        """The stored state of a task or instance (``PyncetteContext.get_task``), read straight from
+        the store: it needs no running worker and no planned fault applies to it."""
         self._check_task(task, "get_task")
-        context = await self._primary_context()
-        return await context.get_task(task, instance_name)
+        self._check_usable()
+        # Pyncette's own get_task, on the simulation's repository instead of a worker's.
+        reader = types.SimpleNamespace(_repository=await self._admin())
+        return await PyncetteContext.get_task(reader, task, instance_name)  # type: ignore[arg-type]
 
     async def list_tasks(
         self, task: Task, limit: int | None = None, continuation_token: Any = None

@@ -61,10 +61,10 @@ async def test_a_crash_is_kill_minus_9(pyncette_app: Simulation) -> None:
 
     await pyncette_app.advance(minutes=5)
     assert events == ["fixture set up", "body started"]  # nothing after the crash ever ran
-    record = pyncette_app.store.get("job")
-    assert record is not None
-    assert record.locked_until == at(60 + 30)  # its lock stays until the lease expires
-    assert record.execute_after == at(60)
+    state = await pyncette_app.get_task(job)
+    assert state is not None
+    assert state.locked_until == at(60 + 30)  # its lock stays until the lease expires
+    assert state.scheduled_at == at(60)
     with pytest.raises(RuntimeError, match="not running"):
         await worker.crash()
 

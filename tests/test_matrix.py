@@ -2,8 +2,8 @@
 scenarios, with exact counts, instants, outcomes and settlements.
 
 Each expectation was derived from Pyncette's own code (``PyncetteContext._execute_task`` and the
-repositories' lease handling) and is checked on the in-memory store *and* on Pyncette's real sqlite
-backend under ``track_io``. The README's table of guarantees is generated from these very runs:
+repositories' lease handling) and is checked on the in-memory store *and* on each of Pyncette's real
+backends (sqlite, redis, postgres) under ``track_io``. The README's table of guarantees is generated from these very runs:
 ``python -m tests.test_matrix`` rewrites it, and ``test_readme_table_matches_the_simulation`` fails
 when the two disagree.
 
@@ -23,10 +23,9 @@ from typing import Any
 
 import pytest
 from pyncette import Context, ExecutionMode, FailureMode, Pyncette
-from pyncette.sqlite import sqlite_repository
 from pyncette.utils import with_heartbeat
 
-from pyncette_testing import Simulation, VirtualTimeLoop
+from pyncette_testing import BACKENDS, Simulation, VirtualTimeLoop
 
 UTC = datetime.timezone.utc
 START = datetime.datetime(2024, 1, 1, tzinfo=UTC)
@@ -151,15 +150,11 @@ def _id(cell: tuple[ExecutionMode, FailureMode, str]) -> str:
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@pytest.mark.parametrize("pyncette_backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("cell", CELLS, ids=_id)
-def test_delivery_guarantee(cell: tuple[ExecutionMode, FailureMode, str], backend: str, tmp_path: pathlib.Path) -> None:
-    options: dict[str, Any] = {}
-    if backend == "sqlite":
-        # a file, so that the workers of the crash scenario share one database
-        options = {"backend": sqlite_repository, "sqlite_database": str(tmp_path / "pyncette.db")}
+def test_delivery_guarantee(cell: tuple[ExecutionMode, FailureMode, str], pyncette_backend: str) -> None:
     expected, _ = EXPECTED[cell]
-    assert simulate_cell(*cell, options) == expected
+    assert simulate_cell(*cell, {"backend": pyncette_backend}) == expected
 
 
 # -- the README's table, generated from the simulation ------------------------------------------------
