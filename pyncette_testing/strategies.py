@@ -378,6 +378,8 @@ class PyncetteStateMachine(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.instances)), label="template")
         instance = data.draw(st.sampled_from(list(self.instance_names)), label="instance")
         keywords = data.draw(self.instances[name], label="schedule")
+        if not self._someone_running():
+            return
         self._note(f"schedule {name}:{instance} {keywords}")
         try:
             self.run(self.simulation.schedule_task(self._template(name), instance, **keywords))
@@ -389,11 +391,17 @@ class PyncetteStateMachine(RuleBasedStateMachine):
     def unschedule_instance(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.instances)), label="template")
         instance = data.draw(st.sampled_from(list(self.instance_names)), label="instance")
+        if not self._someone_running():
+            return
         self._note(f"unschedule {name}:{instance}")
         try:
             self.run(self.simulation.unschedule_task(self._template(name), instance))
         except ConnectionError as error:
             self._note(f"  refused: {error}")
+
+    def _someone_running(self) -> bool:
+        # Planned crashes can take every worker down; the app's calls need a live worker.
+        return any(worker.running for worker in self.simulation.workers)
 
     @invariant()
     def journal_invariants(self) -> None:
