@@ -48,10 +48,11 @@ _READS = frozenset({"get_task_state", "list_task_states"})
 class _PollLoop:
     """One worker's Pyncette poll loop, as elision sees it."""
 
-    __slots__ = ("context", "in_tick", "poll_interval", "skew", "stretch", "task", "tasks")
+    __slots__ = ("context", "elision", "in_tick", "poll_interval", "skew", "stretch", "task", "tasks")
 
-    def __init__(self, task: asyncio.Task[Any], poll_interval: float) -> None:
+    def __init__(self, task: asyncio.Task[Any], poll_interval: float, elision: TickElision) -> None:
         self.task = task
+        self.elision = elision  # its simulation's: where its tasks' due times come from
         self.context: PyncetteContext | None = None
         self.poll_interval = poll_interval
         self.in_tick = False  # flipped by the loop on each of Pyncette's tick clock readings
@@ -93,17 +94,22 @@ class TickElision:
         self._start_us = _epoch_us(clock.start)
         self.enabled = True
         self.elided_ticks = 0
-        loop._idle_hook = self
+        # Several simulations may share a loop: one hook serves them all, each poll loop's due
+        # times coming from its own simulation (see _PollLoop.elision).
+        if loop._idle_hook is None:
+            loop._idle_hook = self
         loop._add_time_listener(self._follow_last_tick)
 
     def close(self) -> None:
-        if self._loop._idle_hook is self:
-            self._loop._idle_hook = None
-        self._loop._remove_time_listener(self._follow_last_tick)
+        loop = self._loop
+        if loop._idle_hook is self:
+            others = [state.elision for state in loop._tick_tasks.values() if state.elision is not self]
+            loop._idle_hook = others[0] if others else None
+        loop._remove_time_listener(self._follow_last_tick)
 
     def watch(self, task: asyncio.Task[Any], poll_interval: float) -> _PollLoop:
         """Track the poll loop that ``task`` runs (a worker's main task)."""
-        state = _PollLoop(task, poll_interval)
+        state = _PollLoop(task, poll_interval, self)
         self._loop._tick_tasks[task] = state
         task.add_done_callback(lambda done: self._loop._tick_tasks.pop(done, None))
         return state
@@ -111,8 +117,10 @@ class TickElision:
     # -- the hook -----------------------------------------------------------------------------
 
     def __call__(self, loop: VirtualTimeLoop) -> None:
-        if not self.enabled or self._blocked() or not self._due_times.current(loop):
-            return
+        owners = {id(state.elision): state.elision for state in loop._tick_tasks.values()}.values()
+        for owner in owners:
+            if not owner.enabled or owner._blocked() or not owner._due_times.current(loop):
+                return
         waiter = loop._waiter
         horizon = waiter.horizon if waiter is not None else math.inf
         # First pass, cheap: how many ticks each poll loop could skip. Usually none (busy apps).
@@ -142,7 +150,7 @@ class TickElision:
                 if tasks:
                     tasks.rotate(skipped)
                 state.stretch = (when, skipped)
-                self.elided_ticks += skipped
+                state.elision.elided_ticks += skipped
             chains.append((when, sequence, handle, state, destination))
         loop._retime(_tick_order(chains))
         self._follow_last_tick(loop.time())  # a skipped tick may be due right now
@@ -152,7 +160,7 @@ class TickElision:
         tasks = state.task_list()
         if tasks is None:
             return 0
-        due = self._due_times.next_due(tasks)
+        due = state.elision._due_times.next_due(tasks)
         if due is None or due <= self._wall(when, state):
             return 0  # its next tick has work (or must run): nothing to skip
         period = state.poll_interval
