@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import pathlib
 from typing import Any
 
 import pytest
@@ -54,7 +55,7 @@ def test_each_simulation_has_a_namespace_of_its_own_and_removes_it(pyncette_back
 
 async def _namespace_exists(backend: str, config: dict[str, Any]) -> bool:
     if backend == "sqlite":
-        return os.path.exists(config["sqlite_database"])
+        return pathlib.Path(config["sqlite_database"]).parent.exists()  # the folder made for it
     if backend == "redis":
         import redis.asyncio
 
