@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .repository import memory_repository
+from .store import InMemoryStore
 from .tracking import held, track_io
 
 __all__ = ["BACKENDS", "IsolatedBackend", "backend_unavailable", "isolated_backend"]
@@ -151,6 +152,9 @@ async def isolated_backend(
     if name == "postgres" and _name_of(factory) == "postgres":
         factory = _postgres_repository
     config = dict(config)
+    if name == "memory":
+        # the in-memory namespace: one store that every app given this config shares
+        config.setdefault("memory_store", InMemoryStore())
     if name in _URLS:
         _, key, _ = _URLS[name]
         config.setdefault(key, server_url(name))
