@@ -27,6 +27,7 @@ import datetime
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import dateutil.tz
@@ -130,14 +131,22 @@ class BackendDiff(RuleBasedStateMachine):
 
     # -- comparing ------------------------------------------------------------------------------
 
-    def _both(self, call: Callable[[Repository, int], Awaitable[Any]]) -> tuple[Any, Any] | None:
-        """``call(repository, side)`` on memory (side 0) then on the real backend (side 1)."""
+    def _both(
+        self, operation: str | Callable[..., Awaitable[Any]], memory_args: tuple[Any, ...], real_args: tuple[Any, ...]
+    ) -> tuple[Any, Any] | None:
+        """``operation`` (a repository method's name, or a function of the repository) at the current
+        instant, on memory with ``memory_args`` then on the real backend with ``real_args``."""
         if self.diverged:
             return None
         assert self.memory is not None
         assert self.real is not None
-        memory = self._run(call(self.memory, 0))
-        real = self._run(call(self.real, 1))
+
+        def call(repository: Repository, args: tuple[Any, ...]) -> Awaitable[Any]:
+            function = getattr(repository, operation) if isinstance(operation, str) else partial(operation, repository)
+            return function(self.now, *args)  # type: ignore[no-any-return]
+
+        memory = self._run(call(self.memory, memory_args))
+        real = self._run(call(self.real, real_args))
         assert type(memory.error) is type(real.error), f"memory: {memory.error!r}, {self.backend}: {real.error!r}"
         if memory.error is not None:
             event(f"both raised {type(memory.error).__name__}")
@@ -207,15 +216,13 @@ class BackendDiff(RuleBasedStateMachine):
     def register(self, template: Task, instance: str, schedule: dict[str, Any], force: bool) -> None:
         # each side gets its own Task objects, as two processes would
         memory_task, real_task = template.instantiate(instance, **schedule), template.instantiate(instance, **schedule)
-        if self._both(
-            lambda repository, side: repository.register_task(self.now, (memory_task, real_task)[side], force)
-        ):
+        if self._both("register_task", (memory_task, force), (real_task, force)):
             self.instances[memory_task.canonical_name] = (memory_task, real_task)
 
     @rule(template=st.sampled_from(TEMPLATES), instance=st.sampled_from(INSTANCES))
     def unregister(self, template: Task, instance: str) -> None:
         task = template.instantiate(instance, interval=datetime.timedelta(seconds=1))
-        self._both(lambda repository, side: repository.unregister_task(self.now, task))
+        self._both("unregister_task", (task,), (task,))
         self.instances.pop(task.canonical_name, None)
 
     @rule(data=st.data(), fresh=st.booleans())
@@ -232,11 +239,7 @@ class BackendDiff(RuleBasedStateMachine):
             memory_lease, real_lease = history[-1] if history and not fresh else (None, None)
         if self._outdated_on_redis(real_task, real_lease):
             return
-        answers = self._both(
-            lambda repository, side: repository.poll_task(
-                self.now, (memory_task, real_task)[side], (memory_lease, real_lease)[side]
-            )
-        )
+        answers = self._both("poll_task", (memory_task, memory_lease), (real_task, real_lease))
         if answers is None:
             return
         memory, real = answers
@@ -256,9 +259,14 @@ class BackendDiff(RuleBasedStateMachine):
 
     @rule(data=st.data(), template=st.sampled_from(TEMPLATES))
     def poll_dynamic(self, data: st.DataObject, template: Task) -> None:
-        answers = self._both(lambda repository, side: repository.poll_dynamic_task(self.now, template))
+        self._poll_dynamic(template)
+
+    def _poll_dynamic(self, template: Task) -> list[tuple[str, Any, Any]]:
+        """poll_dynamic_task on both; returns the instances it took, with their leases on each side."""
+        taken: list[tuple[str, Any, Any]] = []
+        answers = self._both("poll_dynamic_task", (template,), (template,))
         if answers is None:
-            return
+            return taken
         memory, real = answers
         memory_names = sorted(task.canonical_name for task, _ in memory.tasks)
         real_names = sorted(task.canonical_name for task, _ in real.tasks)
@@ -278,11 +286,13 @@ class BackendDiff(RuleBasedStateMachine):
                 # Equally due instances filled a full batch in each backend's own order (pinned elsewhere).
                 event("full batch filled differently")
                 self.diverged = True
-                return
+                return []
             if template.execution_mode == ExecutionMode.AT_LEAST_ONCE:
                 self._same_lease(memory_lease, real_lease)
                 self.leases.setdefault(memory_task.canonical_name, []).append((memory_lease, real_lease))
             self.instances[memory_task.canonical_name] = (memory_task, real_task)
+            taken.append((memory_task.canonical_name, memory_lease, real_lease))
+        return taken
 
     @rule(
         data=st.data(),
@@ -292,21 +302,13 @@ class BackendDiff(RuleBasedStateMachine):
     def tick(self, data: st.DataObject, template: Task, actions: list[str]) -> None:
         """What Pyncette's tick does with a template: poll the due batch, poll each instance with
         its lease, then settle it (commit, unlock, heartbeat, or leave it running)."""
-        before = set(self.leases)
-        self.poll_dynamic(data, template)
-        taken = sorted(name for name in self.leases if name.startswith(f"{template.canonical_name}:"))
-        for name, action in zip(taken, actions, strict=False):
-            if self.diverged or (name in before and not actions):
+        for (name, memory_lease, real_lease), action in zip(self._poll_dynamic(template), actions, strict=False):
+            if self.diverged:
                 return
             memory_task, real_task = self.instances[name]
-            memory_lease, real_lease = self.leases[name][-1]
             if self._outdated_on_redis(real_task, real_lease):
                 continue
-            answers = self._both(
-                lambda repository, side: repository.poll_task(
-                    self.now, (memory_task, real_task)[side], (memory_lease, real_lease)[side]
-                )
-            )
+            answers = self._both("poll_task", (memory_task, memory_lease), (real_task, real_lease))
             if answers is None:
                 continue
             memory, real = answers
@@ -316,11 +318,7 @@ class BackendDiff(RuleBasedStateMachine):
             if template.execution_mode == ExecutionMode.AT_LEAST_ONCE:
                 self._same_lease(memory.lease, real.lease)
                 self.leases[name].append((memory.lease, real.lease))
-                settled = self._both(
-                    lambda repository, side: getattr(repository, action)(
-                        self.now, (memory_task, real_task)[side], (memory.lease, real.lease)[side]
-                    )
-                )
+                settled = self._both(action, (memory_task, memory.lease), (real_task, real.lease))
                 event(f"tick: {action}")
                 if settled is not None and action == "extend_lease":
                     assert (settled[0] is None) == (settled[1] is None)
@@ -338,11 +336,7 @@ class BackendDiff(RuleBasedStateMachine):
         memory_lease, real_lease = history[-1] if which == "latest" else data.draw(st.sampled_from(history))
         if self._outdated_on_redis(real_task, real_lease):
             return
-        answers = self._both(
-            lambda repository, side: getattr(repository, action)(
-                self.now, (memory_task, real_task)[side], (memory_lease, real_lease)[side]
-            )
-        )
+        answers = self._both(action, (memory_task, memory_lease), (real_task, real_lease))
         if answers is not None and action == "extend_lease":
             memory, real = answers
             assert (memory is None) == (real is None), f"extend_lease: {memory!r} vs {real!r}"
@@ -352,10 +346,8 @@ class BackendDiff(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def read_one(self, data: st.DataObject) -> None:
-        name, memory_task, real_task = self._pair(data)
-        answers = self._both(
-            lambda repository, side: repository.get_task_state(self.now, (memory_task, real_task)[side])
-        )
+        _, memory_task, real_task = self._pair(data)
+        answers = self._both("get_task_state", (memory_task,), (real_task,))
         if answers is not None:
             self._same_state(*answers)
 
@@ -364,7 +356,7 @@ class BackendDiff(RuleBasedStateMachine):
         if self.real is None or self.diverged:
             return
         for template in TEMPLATES:
-            answers = self._both(lambda repository, side: _all_states(repository, self.now, template))
+            answers = self._both(_all_states, (template,), (template,))
             assert answers is not None
             memory, real = (sorted(states, key=lambda state: state.task.canonical_name) for states in answers)
             assert [s.task.canonical_name for s in memory] == [s.task.canonical_name for s in real]
