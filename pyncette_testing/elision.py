@@ -259,6 +259,7 @@ class BackendDueTimes:
         self._stale = True
         self._reading: asyncio.Task[None] | None = None
         self._due: dict[str, float | None] = {}
+        self._failed: Exception | None = None
 
     def after(self, operation: str, task: Task | None, result: Any) -> None:
         """Note a repository call (``result`` is None if it raised): re-read unless it cannot have written."""
@@ -278,7 +279,7 @@ class BackendDueTimes:
     def current(self, loop: VirtualTimeLoop) -> bool:
         if not self._stale:
             return True
-        if self._reading is None:
+        if self._reading is None and self._failed is None:
             tasks = {
                 task.canonical_name: task for state in loop._tick_tasks.values() for task in (state.task_list() or ())
             }
@@ -306,9 +307,13 @@ class BackendDueTimes:
                     _earliest_instance(repository, now, task) if task.dynamic else _static_due(repository, now, task)
                 )
             self._due = due
-        except BaseException:
+        except asyncio.CancelledError:
             self._stale = True
             raise
+        except Exception as error:
+            # No due times, no skipping: the simulation goes on tick by tick (and its workers,
+            # which talk to the same backend, report the trouble).
+            self._stale, self._failed = True, error
         finally:
             self._reading = None
 

@@ -157,7 +157,7 @@ def summarize(executions: Iterable[Execution]) -> dict[str, TaskSummary]:
 
 
 class Simulation:
-    """Run a Pyncette app (or inline tasks) on an in-memory store under virtual time.
+    """Run a Pyncette app (or inline tasks) under virtual time, on the in-memory store or a real backend.
 
     ``async with Simulation(app, start=..., poll_interval=None, backend="memory",
     store=None, seed=0, **config_overrides) as sim:`` — then move time with :meth:`advance` and
@@ -352,11 +352,13 @@ class Simulation:
                 self._elision.close()
             self._journal.release_frames()
             try:
-                for write in self._background:
-                    await write  # a failed write is the test's error, not a silent one
+                writes = await asyncio.gather(*self._background, return_exceptions=True)
                 if self._due_times is not None:
                     await self._due_times.aclose()
                 await self._backend_scope.aclose()  # the namespace of a real backend is removed
+                for outcome in writes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome  # a failed lease write is the test's error, not a silent one
             finally:
                 if self._owns_clock and self._clock is not None:
                     self._clock.__exit__(None, None, None)
