@@ -26,7 +26,7 @@ UTC = datetime.timezone.utc
 START = datetime.datetime(2024, 3, 30, 22, tzinfo=UTC)  # the spring DST change is 3 hours later
 EXAMPLES = int(os.environ.get("PYNCETTE_ELISION_EXAMPLES", "25"))
 # Without elision a real backend pays a round trip per tick: fewer examples there.
-REAL_BACKEND_EXAMPLES = int(os.environ.get("PYNCETTE_ELISION_BACKEND_EXAMPLES", "5"))
+REAL_BACKEND_EXAMPLES = int(os.environ.get("PYNCETTE_ELISION_BACKEND_EXAMPLES", "8"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +81,11 @@ def task_plans(draw: st.DrawFn, poll: float) -> TaskPlan:
 
 
 @st.composite
-def app_plans(draw: st.DrawFn) -> AppPlan:
+def app_plans(draw: st.DrawFn, max_ticks: int = 400) -> AppPlan:
     poll = draw(st.sampled_from([0.5, 1, 2.5, 10, 60]))
     tasks = draw(st.lists(task_plans(poll), min_size=1, max_size=4))
     # bounded in ticks, so that the run without elision stays quick
-    total = poll * draw(st.integers(min_value=5, max_value=400))
+    total = poll * draw(st.integers(min_value=5, max_value=max_ticks))
     cuts = sorted(draw(st.lists(st.floats(min_value=0, max_value=total), max_size=3)))
     steps = [b - a for a, b in zip([0.0, *cuts], [*cuts, total], strict=True)]
     return AppPlan(
@@ -215,7 +215,7 @@ def test_elision_changes_nothing_observable(plan: AppPlan) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
-@given(plan=app_plans())
+@given(plan=app_plans(max_ticks=100))
 def test_elision_changes_nothing_observable_on_real_backends(pyncette_backend: str, plan: AppPlan) -> None:
     # There the due times are read from the backend itself after each write. Postgres hands out
     # equally due instances in no defined order, so journals are compared as sets per instant.
