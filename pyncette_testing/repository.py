@@ -2,7 +2,8 @@
 
 Every method reproduces the observable behaviour of Pyncette's own ``SqliteRepository`` (results,
 leases, raised exceptions, quirks included, such as the ``"None"`` string it stores as ``locked_by``
-after a commit). Methods never ``await`` between reading and writing the store, so concurrent
+after a commit), except where redis and postgres agree against it: a cleared lease reads ``None``
+in the ``TaskState`` it returns. Methods never ``await`` between reading and writing the store, so concurrent
 workers on one event loop never see a half-applied change.
 """
 
@@ -275,7 +276,9 @@ class InMemoryRepository(Repository):
             task=task,
             scheduled_at=scheduled_at,
             locked_until=_datetime(row.locked_until),
-            locked_by=row.locked_by,
+            # The store keeps sqlite's "None" string for a cleared lease (so that lease comparisons
+            # match sqlite's exactly); what Pyncette's API shows follows redis and postgres: None.
+            locked_by=None if row.locked_by == "None" else row.locked_by,
         )
 
     def _update_record(

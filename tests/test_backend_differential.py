@@ -8,10 +8,9 @@ backend stores as ``locked_by``. sqlite has its own, finer-grained machine
 (``test_repository_differential.py``).
 
 Where the real backends differ from each other, the in-memory store follows the majority (or
-sqlite's answer where they split); each such difference is normalised here and pinned, backend by
-backend, in ``test_backend_differences.py``:
+sqlite's answer where all differ); the differences with redis are normalised here and pinned,
+backend by backend, in ``test_backend_differences.py``:
 
-- ``locked_by`` after a commit or unlock reads ``"None"`` on memory and sqlite, ``None`` on redis and postgres;
 - a poll that finds nothing to do reports ``scheduled_at=None`` on redis until the task's first READY;
 - ``TaskLockedException`` messages differ (redis does not say until when);
 - the order of ``list_task_states`` and of a ``poll_dynamic_task`` batch differs; the sets agree.
@@ -82,12 +81,8 @@ class Result:
 
 
 def _key(lease: Any) -> str | None:
-    """What a backend stores as ``locked_by`` for ``lease``; ``"None"`` (sqlite's, and so memory's,
-    cleared lease) is ``None`` on redis and postgres."""
-    if lease is None:
-        return None
-    key = str(getattr(lease, "locked_by", lease))
-    return None if key in ("None", "False") else key
+    """What a backend stores as ``locked_by`` for ``lease`` (a redis lease is a record)."""
+    return None if lease is None else str(getattr(lease, "locked_by", lease))
 
 
 class BackendDiff(RuleBasedStateMachine):
