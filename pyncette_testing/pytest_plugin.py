@@ -29,6 +29,7 @@ MARKER = "pyncette"
 _FIXTURE_PREFIX = "pyncette_"
 _START_KEY = pytest.StashKey[datetime.datetime | None]()
 _BACKENDS_KEY = pytest.StashKey[tuple[str, ...]]()
+_UNAVAILABLE = " backend unavailable: "
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -213,6 +214,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # A real backend without a server skips its tests: say so once per backend, not only with -rs.
+    unavailable: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else ""
+        if _UNAVAILABLE in reason:
+            reason = reason.removeprefix("Skipped: ")
+            unavailable[reason] = unavailable.get(reason, 0) + 1
+    if unavailable:
+        terminalreporter.section("pyncette backends", sep="-")
+        for reason, count in sorted(unavailable.items()):
+            terminalreporter.line(f"{count} test(s) skipped: {reason}")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     # A loop torn down mid-test (say by SimulationStalled) may never run a clock's exit: undo its
@@ -274,7 +290,7 @@ def pyncette_backend(request: pytest.FixtureRequest) -> str | Callable[..., Any]
         if reason is not None:
             if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
                 pytest.fail(f"the {backend} backend is required under CI but unavailable: {reason}", pytrace=False)
-            pytest.skip(f"{backend} backend unavailable: {reason}")
+            pytest.skip(f"{backend}{_UNAVAILABLE}{reason}")
     return backend
 
 
