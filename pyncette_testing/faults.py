@@ -390,6 +390,12 @@ class Faults:
     def _write_lease(self, name: str, locked_until: datetime.datetime, locked_by: str | None) -> None:
         """Write the lease on a real backend before any later repository call (time held still)."""
         simulation = self._simulation
+        backend = simulation._isolated.name if simulation._isolated is not None else None
+        if backend not in ("sqlite", "redis", "postgres"):
+            raise NotImplementedError(
+                "lease faults write the stored lease directly, which works on memory, sqlite, redis and postgres, "
+                "not on a custom repository factory"
+            )
 
         async def write() -> None:
             async with simulation._backend_lock:

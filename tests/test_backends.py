@@ -4,13 +4,16 @@ and what happens when a server is missing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import pathlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from pyncette import Context, Pyncette
+from pyncette.sqlite import sqlite_repository
 
 from pyncette_testing import BACKENDS, Simulation, VirtualTimeLoop, backend_unavailable, isolated_backend, track_io
 
@@ -212,3 +215,26 @@ def test_backend_calls_are_serialized_so_runs_do_not_depend_on_the_server() -> N
     expected = journal("memory")
     assert len(expected) == 10
     assert journal("sqlite") == expected
+
+
+def test_lease_faults_on_a_custom_factory_say_they_cannot(tmp_path: pathlib.Path) -> None:
+    app = Pyncette()
+
+    @app.task(interval=datetime.timedelta(minutes=1), lease_duration=datetime.timedelta(minutes=5))
+    async def job(context: Context) -> None:
+        await asyncio.sleep(60)
+
+    @contextlib.asynccontextmanager
+    async def custom(**config: Any) -> AsyncIterator[Any]:  # sqlite, seen as someone's own factory
+        async with sqlite_repository(**config) as repository:
+            yield repository
+
+    async def main() -> None:
+        database = str(tmp_path / "custom.db")
+        async with Simulation(app, start=START, backend=custom, sqlite_database=database) as sim:
+            await sim.advance(seconds=70)
+            with pytest.raises(NotImplementedError, match="not on a custom repository factory"):
+                sim.faults.expire_lease(job)
+            sim.assert_executed(job, times=1)
+
+    _run(main())
