@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,6 @@ __all__: list[str] = []
 
 # What backends cache on Task objects, which every process of a real cluster has its own copy of.
 _TASK_CACHES = ("_last_lease",)
-
-
-def _template_name(task: Task) -> str | None:
-    parent = task.parent_task
-    return None if parent is None else parent.name
 
 
 # -- the repository boundary ----------------------------------------------------------------------------
@@ -61,9 +57,13 @@ class _SimulationRepository(_RepositoryProxy):
         if worker._group is not self._group:
             raise ConnectionError(f"worker {worker.name} crashed: this incarnation can no longer reach the store")
         utc_now, task = args[0], args[1]
-        if worker.clock_skew:
-            args = (utc_now + worker.clock_skew, *args[1:])
+        if worker._clock_skew:
+            args = (utc_now + worker._clock_skew, *args[1:])
         faults = simulation.faults
+        if operation == "poll_dynamic_task" and simulation._is_memory and not faults.armed:
+            # Pyncette makes this call for every task on every tick; on the in-memory store, with
+            # no fault planned, there is nothing to record about it.
+            return await self._inner.poll_dynamic_task(*args)
         lease = _lease_key(args[2]) if operation in ("commit_task", "unlock_task") else None
         entry = simulation._by_lease.get(lease) if lease is not None else None
         try:
@@ -147,6 +147,8 @@ class _SimulationRepository(_RepositoryProxy):
 def _lease_key(lease: object) -> str:
     """A lease as the string the backend stores as ``locked_by``. Redis leases are records whose
     version changes on every heartbeat; their ``locked_by`` stays the same for the whole execution."""
+    if isinstance(lease, (str, uuid.UUID)):  # memory, sqlite, postgres: no attribute lookup to fail
+        return str(lease)
     return str(getattr(lease, "locked_by", lease))
 
 
@@ -167,14 +169,17 @@ def _recording_middleware(
 
     async def record_execution(context: Context, next: Callable[[], Awaitable[None]]) -> None:
         task = context.task
+        parent = task.parent_task
         entry = journal.begin(
-            task=task.canonical_name,
-            template=_template_name(task),
-            instance=task.name if task.parent_task is not None else None,
-            worker=worker,
-            scheduled_at=context.scheduled_at.astimezone(datetime.timezone.utc),
-            started_at=loop.time(),
-            args=dict(context.args),
+            _Entry(
+                task.canonical_name,
+                None if parent is None else parent.name,
+                None if parent is None else task.name,
+                worker,
+                context.scheduled_at.astimezone(datetime.timezone.utc),
+                loop.time(),
+                dict(context.args) if context.args else {},
+            )
         )
         entry.group = TASK_GROUP.get()
         if task.execution_mode == ExecutionMode.AT_MOST_ONCE:

@@ -48,7 +48,7 @@ _READS = frozenset({"get_task_state", "list_task_states"})
 class _PollLoop:
     """One worker's Pyncette poll loop, as elision sees it."""
 
-    __slots__ = ("context", "elision", "in_tick", "poll_interval", "skew", "stretch", "task", "tasks")
+    __slots__ = ("context", "elision", "in_tick", "keys", "poll_interval", "skew", "stretch", "task", "tasks")
 
     def __init__(self, task: asyncio.Task[Any], poll_interval: float, elision: TickElision) -> None:
         self.task = task
@@ -57,6 +57,7 @@ class _PollLoop:
         self.poll_interval = poll_interval
         self.in_tick = False  # flipped by the loop on each of Pyncette's tick clock readings
         self.tasks: collections.deque[Task] | None = None
+        self.keys: list[tuple[str, bool]] | None = None  # (canonical name, dynamic) of its tasks
         self.skew = 0.0  # seconds this worker's clock is ahead (faults add it)
         self.stretch: tuple[float, int] | None = None  # (first skipped tick, how many)
 
@@ -157,10 +158,14 @@ class TickElision:
 
     def _idle_ticks(self, state: _PollLoop, when: float, horizon: float) -> int:
         """How many ticks from ``when`` on would find nothing to do (and can be skipped)."""
-        tasks = state.task_list()
-        if tasks is None:
-            return 0
-        due = state.elision._due_times.next_due(tasks)
+        keys = state.keys
+        if keys is None:
+            tasks = state.task_list()
+            if tasks is None:
+                return 0
+            # the deque rotates, but its tasks stay the same for the life of the poll loop
+            keys = state.keys = [(task.canonical_name, task.dynamic) for task in tasks]
+        due = state.elision._due_times.next_due(keys)
         if due is None or due <= self._wall(when, state):
             return 0  # its next tick has work (or must run): nothing to skip
         period = state.poll_interval
@@ -211,9 +216,10 @@ class _DueTimes(Protocol):
     def current(self, loop: VirtualTimeLoop) -> bool:
         """Whether the due times can be read now (else they are being fetched)."""
 
-    def next_due(self, tasks: Iterable[Task]) -> float | None:
-        """The earliest timestamp at which a poll of one of ``tasks`` can find work; ``inf`` if
-        none ever can, ``None`` if the next tick must run (a static task not yet stored)."""
+    def next_due(self, tasks: Iterable[tuple[str, bool]]) -> float | None:
+        """The earliest timestamp at which a poll of one of ``tasks`` (canonical name, dynamic) can
+        find work; ``inf`` if none ever can, ``None`` if the next tick must run (a static task not
+        yet stored)."""
 
 
 class _StoreDueTimes:
@@ -225,16 +231,16 @@ class _StoreDueTimes:
     def current(self, loop: VirtualTimeLoop) -> bool:
         return True
 
-    def next_due(self, tasks: Iterable[Task]) -> float | None:
+    def next_due(self, tasks: Iterable[tuple[str, bool]]) -> float | None:
         store = self._store
         earliest = math.inf
-        for task in tasks:
-            if task.dynamic:
-                index = store._due.get(task.canonical_name)
+        for name, dynamic in tasks:
+            if dynamic:
+                index = store._due.get(name)
                 if index:
                     earliest = min(earliest, index[0][0][0])
                 continue
-            row = store._row(task.canonical_name)
+            row = store._row(name)
             if row is None or row.execute_after is None:
                 return None
             earliest = min(earliest, max(row.locked_until or 0.0, row.execute_after))
@@ -287,10 +293,10 @@ class BackendDueTimes:
             self._reading = contextvars.Context().run(loop.create_task, self._read(loop, list(tasks.values())))
         return False
 
-    def next_due(self, tasks: Iterable[Task]) -> float | None:
+    def next_due(self, tasks: Iterable[tuple[str, bool]]) -> float | None:
         earliest = math.inf
-        for task in tasks:
-            due = self._due.get(task.canonical_name)
+        for name, _ in tasks:
+            due = self._due.get(name)
             if due is None:
                 return None
             earliest = min(earliest, due)

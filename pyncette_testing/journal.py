@@ -128,7 +128,6 @@ class _Entry:
 
     def __init__(
         self,
-        *,
         task: str,
         template: str | None,
         instance: str | None,
@@ -184,8 +183,7 @@ class Journal:
         self.entries: list[_Entry] = []
         self._events: list[tuple[float, str, str | None, Any, str]] = []
 
-    def begin(self, **fields: Any) -> _Entry:
-        entry = _Entry(**fields)
+    def begin(self, entry: _Entry) -> _Entry:
         self.entries.append(entry)
         return entry
 
