@@ -11,10 +11,18 @@ import asyncio
 import contextlib
 import datetime
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pyncette.model import Context, ExecutionMode, FailureMode, PollResponse, ResultType
+from pyncette.model import (
+    Context,
+    ContinuationToken,
+    ExecutionMode,
+    FailureMode,
+    PollResponse,
+    QueryResponse,
+    ResultType,
+)
 from pyncette.repository import Repository
 from pyncette.task import Task
 
@@ -60,10 +68,6 @@ class _SimulationRepository(_RepositoryProxy):
         if worker._clock_skew:
             args = (utc_now + worker._clock_skew, *args[1:])
         faults = simulation.faults
-        if operation == "poll_dynamic_task" and simulation._is_memory and not faults.armed:
-            # Pyncette makes this call for every task on every tick; on the in-memory store, with
-            # no fault planned, there is nothing to record about it.
-            return await self._inner.poll_dynamic_task(*args)
         lease = _lease_key(args[2]) if operation in ("commit_task", "unlock_task") else None
         entry = simulation._by_lease.get(lease) if lease is not None else None
         try:
@@ -112,6 +116,17 @@ class _SimulationRepository(_RepositoryProxy):
         if faults.armed:
             faults.after(operation, worker.name, task)
         return result
+
+    def poll_dynamic_task(
+        self, utc_now: datetime.datetime, task: Task, continuation_token: ContinuationToken | None = None
+    ) -> Coroutine[Any, Any, QueryResponse]:
+        # Pyncette makes this call for every task on every tick. On the in-memory store, with no
+        # fault planned, there is nothing to record about it: straight to the store.
+        simulation, worker = self._simulation, self._worker
+        if simulation._is_memory and not simulation.faults.armed and worker._group is self._group:
+            skew = worker._clock_skew
+            return self._inner.poll_dynamic_task(utc_now + skew if skew else utc_now, task, continuation_token)
+        return self._call("poll_dynamic_task", utc_now, task, continuation_token)
 
     @contextlib.contextmanager
     def _own_task_state(self, task: Task | None) -> Iterator[None]:

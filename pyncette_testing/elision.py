@@ -97,15 +97,15 @@ class TickElision:
         self.elided_ticks = 0
         # Several simulations may share a loop: one hook serves them all, each poll loop's due
         # times coming from its own simulation (see _PollLoop.elision).
-        if loop._idle_hook is None:
-            loop._idle_hook = self
+        loop._elisions.append(self)
+        loop._idle_hook = loop._elisions[0]
         loop._add_time_listener(self._follow_last_tick)
 
     def close(self) -> None:
         loop = self._loop
-        if loop._idle_hook is self:
-            others = [state.elision for state in loop._tick_tasks.values() if state.elision is not self]
-            loop._idle_hook = others[0] if others else None
+        with contextlib.suppress(ValueError):
+            loop._elisions.remove(self)
+        loop._idle_hook = loop._elisions[0] if loop._elisions else None
         loop._remove_time_listener(self._follow_last_tick)
 
     def watch(self, task: asyncio.Task[Any], poll_interval: float) -> _PollLoop:
@@ -118,8 +118,7 @@ class TickElision:
     # -- the hook -----------------------------------------------------------------------------
 
     def __call__(self, loop: VirtualTimeLoop) -> None:
-        owners = {id(state.elision): state.elision for state in loop._tick_tasks.values()}.values()
-        for owner in owners:
+        for owner in loop._elisions:
             if not owner.enabled or owner._blocked() or not owner._due_times.current(loop):
                 return
         waiter = loop._waiter

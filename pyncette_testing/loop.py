@@ -118,6 +118,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         # keyed by id(): a TimerHandle hashes by its instant, which elision changes
         self._tick_timers: dict[int, tuple[asyncio.TimerHandle, Any]] = {}
         self._idle_hook: Callable[[VirtualTimeLoop], None] | None = None
+        self._elisions: list[Any] = []  # the simulations' TickElisions; the first is the idle hook
         # Frozen task groups: their callbacks are held (a paused process) until thawed, if ever.
         self._frozen: dict[object, list[asyncio.Handle]] = {}
         self._group_tasks: dict[object, list[asyncio.Task[Any]]] = {}
@@ -251,6 +252,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def _only_tick_timers(self) -> bool:
         if len(self._timers) - self._cancelled_timers > len(self._tick_timers):
             return False
+        if not self._cancelled_timers and len(self._timers) == len(self._tick_timers):
+            return True  # every tick timer is in the heap, and nothing else is
         return all(id(handle) in self._tick_timers for _, _, handle in self._timers if not handle.cancelled())
 
     def _retime(self, order: list[tuple[asyncio.TimerHandle, float]]) -> None:
@@ -413,6 +416,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             self._tick_tasks.clear()
             self._tick_timers.clear()
             self._idle_hook = None
+            self._elisions.clear()
         super().close()
 
 

@@ -14,7 +14,7 @@ import datetime
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from pyncette.errors import PyncetteException, TaskLockedException
@@ -318,7 +318,8 @@ async def memory_repository(**kwargs: Any) -> AsyncIterator[InMemoryRepository]:
 
 class _RepositoryProxy(Repository):
     """Forwards every ``Repository`` method through :meth:`_call`: the one boundary where wrappers
-    (I/O tracking, faults, journal, clock skew) hook in."""
+    (I/O tracking, faults, journal, clock skew) hook in. The methods hand back ``_call``'s coroutine
+    rather than awaiting it: one coroutine less per call, on the path of every tick."""
 
     def __init__(self, inner: Repository) -> None:
         self._inner = inner
@@ -333,37 +334,39 @@ class _RepositoryProxy(Repository):
     async def _call(self, operation: str, *args: Any) -> Any:
         return await getattr(self._inner, operation)(*args)
 
-    async def poll_dynamic_task(
+    def poll_dynamic_task(
         self, utc_now: datetime.datetime, task: Task, continuation_token: ContinuationToken | None = None
-    ) -> QueryResponse:
-        return await self._call("poll_dynamic_task", utc_now, task, continuation_token)  # type: ignore[no-any-return]
+    ) -> Coroutine[Any, Any, QueryResponse]:
+        return self._call("poll_dynamic_task", utc_now, task, continuation_token)
 
-    async def register_task(self, utc_now: datetime.datetime, task: Task, force: bool = False) -> None:
-        await self._call("register_task", utc_now, task, force)
+    def register_task(self, utc_now: datetime.datetime, task: Task, force: bool = False) -> Coroutine[Any, Any, None]:
+        return self._call("register_task", utc_now, task, force)
 
-    async def unregister_task(self, utc_now: datetime.datetime, task: Task) -> None:
-        await self._call("unregister_task", utc_now, task)
+    def unregister_task(self, utc_now: datetime.datetime, task: Task) -> Coroutine[Any, Any, None]:
+        return self._call("unregister_task", utc_now, task)
 
-    async def poll_task(self, utc_now: datetime.datetime, task: Task, lease: Lease | None = None) -> PollResponse:
-        return await self._call("poll_task", utc_now, task, lease)  # type: ignore[no-any-return]
+    def poll_task(
+        self, utc_now: datetime.datetime, task: Task, lease: Lease | None = None
+    ) -> Coroutine[Any, Any, PollResponse]:
+        return self._call("poll_task", utc_now, task, lease)
 
-    async def commit_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> None:
-        await self._call("commit_task", utc_now, task, lease)
+    def commit_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Coroutine[Any, Any, None]:
+        return self._call("commit_task", utc_now, task, lease)
 
-    async def extend_lease(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Lease | None:
-        return await self._call("extend_lease", utc_now, task, lease)  # type: ignore[no-any-return]
+    def extend_lease(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Coroutine[Any, Any, Lease | None]:
+        return self._call("extend_lease", utc_now, task, lease)
 
-    async def unlock_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> None:
-        await self._call("unlock_task", utc_now, task, lease)
+    def unlock_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Coroutine[Any, Any, None]:
+        return self._call("unlock_task", utc_now, task, lease)
 
-    async def get_task_state(self, utc_now: datetime.datetime, task: Task) -> TaskState | None:
-        return await self._call("get_task_state", utc_now, task)  # type: ignore[no-any-return]
+    def get_task_state(self, utc_now: datetime.datetime, task: Task) -> Coroutine[Any, Any, TaskState | None]:
+        return self._call("get_task_state", utc_now, task)
 
-    async def list_task_states(
+    def list_task_states(
         self,
         utc_now: datetime.datetime,
         parent_task: Task,
         limit: int | None = None,
         continuation_token: ContinuationToken | None = None,
-    ) -> ListTasksResponse:
-        return await self._call("list_task_states", utc_now, parent_task, limit, continuation_token)  # type: ignore[no-any-return]
+    ) -> Coroutine[Any, Any, ListTasksResponse]:
+        return self._call("list_task_states", utc_now, parent_task, limit, continuation_token)

@@ -535,7 +535,8 @@ class Simulation:
 
     def _event(self, kind: str, worker: str | None = None, task: Task | str | None = None, detail: str = "") -> None:
         # a Task's name is worked out when the events are read: this runs on every lease change
-        self._journal.event(self.clock.loop.time(), kind, worker, task, detail)
+        assert self._clock is not None
+        self._journal.event(self._clock.loop._now, kind, worker, task, detail)
 
     def events(self, kind: str | None = None) -> list[Event]:
         """Faults, crashes and lease changes, in the order they happened (optionally one kind)."""
