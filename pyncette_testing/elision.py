@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
 import datetime
 import heapq
 import math
@@ -35,7 +34,7 @@ from pyncette.repository import Repository
 from pyncette.task import Task
 
 from .clock import VirtualClock
-from .loop import VirtualTimeLoop
+from .loop import VirtualTimeLoop, detached_task
 from .store import InMemoryStore
 
 __all__ = ["BackendDueTimes", "TickElision"]
@@ -249,8 +248,8 @@ class _StoreDueTimes:
 class BackendDueTimes:
     """Due times of a real backend, read through the simulation's own repository (no worker's).
 
-    The simulation calls :meth:`written` after every repository call that may have changed the
-    store. The next idle moment then starts a read of every task's state (with time held still) and
+    The simulation calls :meth:`after` after every repository call, which notes whether it may have
+    changed the store. The next idle moment then starts a read of every task's state (with time held still) and
     skips nothing until it is done; the idle moment after that uses what it read.
     """
 
@@ -286,10 +285,12 @@ class BackendDueTimes:
             return True
         if self._reading is None and self._failed is None:
             tasks = {
-                task.canonical_name: task for state in loop._tick_tasks.values() for task in (state.task_list() or ())
+                task.canonical_name: task
+                for state in loop._tick_tasks.values()
+                if state.elision._due_times is self  # this simulation's poll loops only
+                for task in (state.task_list() or ())
             }
-            # A context of its own: the read must not belong to (and freeze with) a worker's group.
-            self._reading = contextvars.Context().run(loop.create_task, self._read(loop, list(tasks.values())))
+            self._reading = detached_task(loop, self._read(loop, list(tasks.values())))
         return False
 
     def next_due(self, tasks: Iterable[tuple[str, bool]]) -> float | None:

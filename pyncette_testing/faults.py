@@ -6,7 +6,6 @@ is reproducible. Repository faults act at the one boundary between Pyncette and 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import datetime
 import random
@@ -19,6 +18,7 @@ from pyncette.task import Task
 from .backends import force_lease
 from .clock import to_seconds, to_utc
 from .journal import Outcome, Settlement
+from .loop import detached_task
 from .tracking import held
 
 if TYPE_CHECKING:
@@ -407,9 +407,7 @@ class Faults:
             if simulation._due_times is not None:
                 simulation._due_times.after("lease fault", None, None)
 
-        # A context of its own: the write must not belong to (and freeze with) a worker's group.
-        loop = simulation.clock.loop
-        simulation._background.append(contextvars.Context().run(loop.create_task, write()))
+        simulation._background.append(detached_task(simulation.clock.loop, write()))
 
     def _lease_duration(self, name: str) -> float:
         for entry in reversed(self._simulation._journal.entries):

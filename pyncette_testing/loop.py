@@ -18,10 +18,12 @@ import itertools
 import math
 import selectors
 import types
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 from .errors import SimulationStalled
+
+T = TypeVar("T")
 
 __all__ = ["VirtualTimeLoop"]
 
@@ -418,6 +420,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             self._idle_hook = None
             self._elisions.clear()
         super().close()
+
+
+def detached_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task in an empty context: it belongs to no worker's group, so it never freezes with one
+    (and the connections it opens do not either)."""
+    return contextvars.Context().run(loop.create_task, coro)
 
 
 def _frames(coro: Any) -> tuple[list[str], Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import datetime
 import inspect
@@ -32,7 +31,7 @@ from .elision import BackendDueTimes, TickElision
 from .errors import SimulationStalled
 from .faults import Faults
 from .journal import Event, Execution, Journal, Outcome, _Entry, render_timeline
-from .loop import VirtualTimeLoop, describe_task
+from .loop import VirtualTimeLoop, describe_task, detached_task
 from .repository import memory_repository
 from .store import InMemoryStore
 from .worker import Worker
@@ -426,9 +425,8 @@ class Simulation:
         if self._admin_repository is None:
             assert self._isolated is not None, "the backend is opened when the simulation is entered"
             opening = self._backend_scope.enter_async_context(self._isolated.factory(**self._config))
-            # A context of its own: its connection must not belong to (and freeze with) a worker's group.
-            task = contextvars.Context().run(asyncio.get_running_loop().create_task, opening)
-            self._admin_repository = await task
+            repository: Repository = await detached_task(asyncio.get_running_loop(), opening)
+            self._admin_repository = repository
         return self._admin_repository
 
     def _static_names(self) -> set[str]:
