@@ -176,6 +176,7 @@ def _recording_middleware(
     worker: str,
     by_lease: dict[str, _Entry],
     started: Callable[[str, Task], None],
+    crash_plans: list[Any],
 ) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:
     """The first middleware of every worker: journals each execution. It closes over the journal
     and the clock only, so that tracebacks kept in the journal never keep a simulation alive."""
@@ -203,7 +204,8 @@ def _recording_middleware(
             entry.lease = _lease_key(context._lease)
             entry.lease_duration = task.lease_duration.total_seconds()
             by_lease[entry.lease] = entry
-        started(worker, task)
+        if crash_plans:  # a crash planned during some task's run: is it this one?
+            started(worker, task)
         try:
             await next()
         except asyncio.CancelledError:

@@ -153,8 +153,6 @@ class Faults:
         self._at(to_utc(at, what="at"), lambda: self._simulation.worker(name)._crash_now("planned crash"))
 
     def _execution_started(self, worker: str, task: Task) -> None:
-        if not self._crash_plans:
-            return
         for plan in list(self._crash_plans):
             name, wanted, delay = plan
             if name == worker and task_matches(wanted, task):

@@ -529,7 +529,9 @@ class Simulation:
             if callback is not None:
                 callback(name, task)
 
-        return _recording_middleware(self._journal, self.clock, worker, self._by_lease, execution_started)
+        return _recording_middleware(
+            self._journal, self.clock, worker, self._by_lease, execution_started, self.faults._crash_plans
+        )
 
     def _event(self, kind: str, worker: str | None = None, task: Task | str | None = None, detail: str = "") -> None:
         # a Task's name is worked out when the events are read: this runs on every lease change
