@@ -692,7 +692,10 @@ class Simulation:
     def store(self) -> InMemoryStore:
         """The shared in-memory store (when the backend is the in-memory one)."""
         if not self._is_memory:
-            raise RuntimeError("this simulation runs on another backend; there is no in-memory store")
+            raise RuntimeError(
+                f"this simulation runs on the {getattr(self._isolated, 'name', None) or 'given'} backend; there is "
+                "no in-memory store: read what is stored with sim.get_task(...) and sim.list_tasks(...)"
+            )
         return self._store
 
     async def advance(self, delta: Duration | None = None, /, **timedelta_kwargs: float) -> None:
