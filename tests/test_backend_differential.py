@@ -252,8 +252,8 @@ class BackendDiff(RuleBasedStateMachine):
             self._same_lease(memory.lease, real.lease)
             self.leases.setdefault(name, []).append((memory.lease, real.lease))
 
-    @rule(data=st.data(), template=st.sampled_from(TEMPLATES))
-    def poll_dynamic(self, data: st.DataObject, template: Task) -> None:
+    @rule(template=st.sampled_from(TEMPLATES))
+    def poll_dynamic(self, template: Task) -> None:
         self._poll_dynamic(template)
 
     def _poll_dynamic(self, template: Task) -> list[tuple[str, Any, Any]]:
@@ -290,11 +290,10 @@ class BackendDiff(RuleBasedStateMachine):
         return taken
 
     @rule(
-        data=st.data(),
         template=st.sampled_from(TEMPLATES),
         actions=st.lists(st.sampled_from(["commit_task", "commit_task", "unlock_task", "extend_lease", "none"])),
     )
-    def tick(self, data: st.DataObject, template: Task, actions: list[str]) -> None:
+    def tick(self, template: Task, actions: list[str]) -> None:
         """What Pyncette's tick does with a template: poll the due batch, poll each instance with
         its lease, then settle it (commit, unlock, heartbeat, or leave it running)."""
         for (name, memory_lease, real_lease), action in zip(self._poll_dynamic(template), actions, strict=False):
