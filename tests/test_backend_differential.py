@@ -232,25 +232,32 @@ class BackendDiff(RuleBasedStateMachine):
             memory_lease, real_lease = history[0] if fresh else history[-1]
         else:
             memory_lease, real_lease = history[-1] if history and not fresh else (None, None)
+        self._poll_both(name, memory_task, real_task, memory_lease, real_lease)
+
+    def _poll_both(self, name: str, memory_task: Task, real_task: Task, memory_lease: Any, real_lease: Any) -> Any:
+        """poll_task on both sides, compared; a READY lease joins the task's history. Returns the
+        lease pair a worker would now hold, or None."""
         if self._outdated_on_redis(real_task, real_lease):
-            return
+            return None
         answers = self._both("poll_task", (memory_task, memory_lease), (real_task, real_lease))
         if answers is None:
-            return
+            return None
         memory, real = answers
         assert memory.result == real.result, f"{name}: {memory.result} (memory) vs {real.result} ({self.backend})"
         event(f"poll {memory.result.name}")
         if memory.result != ResultType.READY:
-            return
+            return None
         if real.scheduled_at is None and self.backend == "redis":
             # redis knows the schedule only from the lease it cached on the Task: a process that has
             # not seen this record since it was created (version 0) gets None (pinned elsewhere).
             event("redis: READY with scheduled_at None")
         else:
             assert memory.scheduled_at == real.scheduled_at, f"{name}: {memory.scheduled_at} vs {real.scheduled_at}"
-        if memory_task.execution_mode == ExecutionMode.AT_LEAST_ONCE:
-            self._same_lease(memory.lease, real.lease)
-            self.leases.setdefault(name, []).append((memory.lease, real.lease))
+        if memory_task.execution_mode != ExecutionMode.AT_LEAST_ONCE:
+            return None
+        self._same_lease(memory.lease, real.lease)
+        self.leases.setdefault(name, []).append((memory.lease, real.lease))
+        return memory.lease, real.lease
 
     @rule(template=st.sampled_from(TEMPLATES))
     def poll_dynamic(self, template: Task) -> None:
@@ -300,22 +307,10 @@ class BackendDiff(RuleBasedStateMachine):
             if self.diverged:
                 return
             memory_task, real_task = self.instances[name]
-            if self._outdated_on_redis(real_task, real_lease):
-                continue
-            answers = self._both("poll_task", (memory_task, memory_lease), (real_task, real_lease))
-            if answers is None:
-                continue
-            memory, real = answers
-            assert memory.result == real.result, f"{name}: {memory.result} vs {real.result} ({self.backend})"
-            if memory.result != ResultType.READY or action == "none":
-                continue
-            if template.execution_mode == ExecutionMode.AT_LEAST_ONCE:
-                self._same_lease(memory.lease, real.lease)
-                self.leases[name].append((memory.lease, real.lease))
-                settled = self._both(action, (memory_task, memory.lease), (real_task, real.lease))
+            held = self._poll_both(name, memory_task, real_task, memory_lease, real_lease)
+            if held is not None and action != "none":
                 event(f"tick: {action}")
-                if settled is not None and action == "extend_lease":
-                    assert (settled[0] is None) == (settled[1] is None)
+                self._settle_both(name, action, memory_task, real_task, *held)
 
     @rule(
         data=st.data(),
@@ -328,6 +323,12 @@ class BackendDiff(RuleBasedStateMachine):
         if not history:
             return
         memory_lease, real_lease = history[-1] if which == "latest" else data.draw(st.sampled_from(history))
+        self._settle_both(name, action, memory_task, real_task, memory_lease, real_lease)
+
+    def _settle_both(
+        self, name: str, action: str, memory_task: Task, real_task: Task, memory_lease: Any, real_lease: Any
+    ) -> None:
+        """commit_task, unlock_task or extend_lease on both sides with the given leases, compared."""
         if self._outdated_on_redis(real_task, real_lease):
             return
         answers = self._both(action, (memory_task, memory_lease), (real_task, real_lease))
