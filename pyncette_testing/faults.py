@@ -365,9 +365,9 @@ class Faults:
         store = self._simulation.store
         row = store._row(name)
         if row is None:
-            raise ValueError(f"no task {name!r} in the store; give a static task or a concrete dynamic instance")
+            raise ValueError(_NO_TASK.format(name=name))
         if row.locked_until is None or row.locked_until <= self._simulation.now.timestamp():
-            raise ValueError(f"task {name!r} holds no lease now; lease faults act on a running AT_LEAST_ONCE execution")
+            raise ValueError(_NO_LEASE.format(name=name))
         return row, name
 
     def _check_leased(self, name: str) -> None:
@@ -376,7 +376,7 @@ class Faults:
         simulation = self._simulation
         entries = [entry for entry in simulation._journal.entries if entry.task == name]
         if not entries and name not in simulation._scheduled_instances and name not in simulation._static_names():
-            raise ValueError(f"no task {name!r} in the store; give a static task or a concrete dynamic instance")
+            raise ValueError(_NO_TASK.format(name=name))
         now = simulation.clock.loop.time()
         for entry in entries:
             if entry.lease is None or entry.settlement is not Settlement.NONE:
@@ -385,7 +385,7 @@ class Faults:
                 entry.outcome is Outcome.CRASHED and entry.started_at + (entry.lease_duration or 0.0) > now
             ):
                 return
-        raise ValueError(f"task {name!r} holds no lease now; lease faults act on a running AT_LEAST_ONCE execution")
+        raise ValueError(_NO_LEASE.format(name=name))
 
     def _write_lease(self, name: str, locked_until: datetime.datetime, locked_by: str | None) -> None:
         """Write the lease on a real backend before any later repository call (time held still)."""
@@ -427,6 +427,11 @@ class Faults:
 
     def _journal(self, kind: str, worker: str | None, task: str | None, detail: str = "") -> None:
         self._simulation._event(kind, worker, task, detail)
+
+
+# What the lease faults say, whether the store is read directly (memory) or the journal is (real backends).
+_NO_TASK = "no task {name!r} in the store; give a static task or a concrete dynamic instance"
+_NO_LEASE = "task {name!r} holds no lease now; lease faults act on a running AT_LEAST_ONCE execution"
 
 
 def _name(task: Task | None) -> str | None:
