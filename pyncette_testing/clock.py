@@ -12,13 +12,12 @@ import asyncio
 import datetime
 import math
 import sys
-import threading
-import time as _time
 from typing import Any
 
 import time_machine
 
 from .loop import VirtualTimeLoop
+from .pyncette_patches import patch_pyncette, unpatch_pyncette
 
 __all__ = ["DEFAULT_START", "VirtualClock"]
 
@@ -58,52 +57,6 @@ def to_utc(when: Any, *, what: str = "instant") -> datetime.datetime:
             "or datetime(..., tzinfo=timezone.utc)"
         )
     return when.astimezone(datetime.timezone.utc)
-
-
-# -- Pyncette's tick timing -------------------------------------------------------------------
-
-
-class _LoopPerfCounter:
-    """Stands in for the ``time`` module inside ``pyncette.pyncette``: ``perf_counter`` follows
-    loop time on a ``VirtualTimeLoop`` and real time everywhere else."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_time, name)
-
-    @staticmethod
-    def perf_counter() -> float:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return _time.perf_counter()
-        if isinstance(loop, VirtualTimeLoop):
-            loop._on_perf_counter()
-            return loop.time()
-        return _time.perf_counter()
-
-
-_perf_lock = threading.Lock()
-_perf_users = 0
-
-
-def _follow_loop_time_in_pyncette() -> None:
-    global _perf_users
-    import pyncette.pyncette
-
-    with _perf_lock:
-        if _perf_users == 0:
-            pyncette.pyncette.time = _LoopPerfCounter()  # type: ignore[attr-defined,assignment]
-        _perf_users += 1
-
-
-def _release_pyncette_time() -> None:
-    global _perf_users
-    import pyncette.pyncette
-
-    with _perf_lock:
-        _perf_users -= 1
-        if _perf_users == 0:
-            pyncette.pyncette.time = _time  # type: ignore[attr-defined]
 
 
 # -- freezegun interop ---------------------------------------------------------------------------
@@ -284,7 +237,7 @@ class VirtualClock:
         else:
             self._travel = time_machine.travel(self._start, tick=False)
             self._traveller = self._travel.start()
-        _follow_loop_time_in_pyncette()
+        patch_pyncette()
         loop._add_time_listener(self._follow)
         loop._clock = self
         _ACTIVE_CLOCKS.add(self)
@@ -299,7 +252,7 @@ class VirtualClock:
         if getattr(self.loop, "_clock", None) is self:
             self.loop._clock = None
         self.loop._remove_time_listener(self._follow)
-        _release_pyncette_time()
+        unpatch_pyncette()
         if self._travel is not None:
             self._travel.stop()
             self._travel = self._traveller = None

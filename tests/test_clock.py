@@ -6,10 +6,13 @@ import asyncio
 import datetime
 import time
 
+import dateutil.tz
 import freezegun
 import pyncette.pyncette
+import pyncette.task
 import pytest
 import time_machine
+from pyncette.task import Task
 
 from pyncette_testing import VirtualClock, VirtualTimeLoop
 
@@ -37,20 +40,50 @@ def test_now_elapsed_and_the_wall_clock_follow_loop_time(loop: VirtualTimeLoop) 
 
 def test_everything_is_restored_when_the_clock_stops(loop: VirtualTimeLoop) -> None:
     real_time_module = pyncette.pyncette.time
+    real_dateutil = pyncette.task.dateutil
     seen: list[object] = []
 
     def failing_test() -> None:
         with VirtualClock(START, loop=loop):
-            seen.extend([datetime.datetime.now(UTC), pyncette.pyncette.time])
+            seen.extend([datetime.datetime.now(UTC), pyncette.pyncette.time, pyncette.task.dateutil])
             raise ZeroDivisionError
 
     with pytest.raises(ZeroDivisionError):
         failing_test()
     assert seen[0] == START
     assert seen[1] is not real_time_module
+    assert seen[2] is not real_dateutil
     assert datetime.datetime.now(UTC).year >= 2025
     assert abs(time.time() - datetime.datetime.now(UTC).timestamp()) < 5
     assert pyncette.pyncette.time is real_time_module
+    assert pyncette.task.dateutil is real_dateutil
+
+
+def test_task_validation_reads_the_local_zone_once_and_still_rejects_bad_zones(
+    loop: VirtualTimeLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[str | None] = []
+    real_gettz = dateutil.tz.gettz
+
+    def counting_gettz(name: str | None = None) -> object:
+        lookups.append(name)
+        return real_gettz(name)
+
+    monkeypatch.setattr(dateutil.tz, "gettz", counting_gettz)
+    with VirtualClock(START, loop=loop):
+        for _ in range(3):
+            Task(name="t", func=_noop, interval=datetime.timedelta(seconds=1))
+        Task(name="t", func=_noop, schedule="0 * * * *", timezone="Europe/Berlin")
+        with pytest.raises(ValueError, match="Invalid timezone specifier 'Nowhere/Atlantis'"):
+            Task(name="t", func=_noop, schedule="0 * * * *", timezone="Nowhere/Atlantis")
+    assert lookups == [None, "Europe/Berlin", "Nowhere/Atlantis"]
+    with VirtualClock(START, loop=loop):
+        Task(name="t", func=_noop, interval=datetime.timedelta(seconds=1))
+    assert lookups[-1] is None and len(lookups) == 4  # a new clock looks the zone up afresh
+
+
+async def _noop(context: object) -> None:
+    pass
 
 
 def test_advance_runs_everything_due_including_the_target_and_stops_exactly_there(loop: VirtualTimeLoop) -> None:
