@@ -187,7 +187,7 @@ def main() -> None:
     from benchmarks.poll_scale import run
 
     print()
-    asyncio.run(run(100, 100_000 if not args.quick else 10_000, 10, 1000))
+    run(100, 100_000 if not args.quick else 10_000, 10, 1000)
 
     if args.suite:
         began = time.perf_counter()

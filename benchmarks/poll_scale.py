@@ -1,28 +1,29 @@
 """Does ``poll_dynamic_task`` cost depend on how many instances are stored? (It should not.)
 
-Stores 100 and 100,000 instances of one dynamic template, only 10 of them due, and times
+First times what a user does: ``Simulation.schedule_task`` for 100,000 instances. Then stores 100
+and 100,000 instances of one dynamic template, only 10 of them due, and times
 ``InMemoryRepository.poll_dynamic_task`` on both stores in the same run (interleaved, median of many
-polls). Also times scheduling the 100,000 instances. Run with ``python -m benchmarks.poll_scale``.
+polls). Everything runs under a virtual clock, as in every simulation. Run with
+``python -m benchmarks.poll_scale``.
 
-Most of both costs is Pyncette's own ``Task`` construction (each instance is validated, and
-``dateutil.tz.gettz(None)`` re-reads the local zone file every time): ``poll_dynamic_task`` builds
-one ``Task`` per returned instance from its stored spec, so its time is mostly that of 10 such
-constructions, which is the same for any store size.
+Most of both costs is Pyncette's own ``Task`` construction: ``poll_dynamic_task`` builds one ``Task``
+per returned instance from its stored spec, so its time is mostly that of 10 such constructions,
+which is the same for any store size.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import statistics
 import time
 from typing import Any
 
 import dateutil.tz
+from pyncette import Pyncette
 from pyncette.task import Task
 
-from pyncette_testing import InMemoryRepository, InMemoryStore
+from pyncette_testing import InMemoryRepository, InMemoryStore, Simulation, VirtualClock, VirtualTimeLoop
 
 START = datetime.datetime(2019, 1, 1, tzinfo=dateutil.tz.UTC)
 LEASE = datetime.timedelta(seconds=30)
@@ -51,7 +52,17 @@ async def fill(repo: InMemoryRepository, task: Task, total: int, due: int) -> tu
     return instantiated - started, time.perf_counter() - instantiated
 
 
-async def run(small: int, large: int, due: int, polls: int) -> None:
+async def schedule_in_a_simulation(total: int) -> None:
+    app = Pyncette()
+    task = app.dynamic_task()(noop)
+    async with Simulation(app, start=START) as sim:
+        started = time.perf_counter()
+        for i in range(total):
+            await sim.schedule_task(task, f"i{i:06d}", interval=LEASE)
+        print(f"Simulation.schedule_task x {total:,}: {time.perf_counter() - started:7.3f} s  [< 5 s]")
+
+
+async def compare(small: int, large: int, due: int, polls: int) -> None:
     task = template()
     repos = {}
     for size in (small, large):
@@ -84,6 +95,21 @@ async def run(small: int, large: int, due: int, polls: int) -> None:
     print(f"ratio ({large:,} / {small:,}): {medians[large] / medians[small]:.2f}x (independent of store size: ~1x)")
 
 
+def run(small: int, large: int, due: int, polls: int) -> None:
+    """Both measurements, each on its own virtual loop."""
+    for scenario in (schedule_in_a_simulation(large), _under_a_clock(compare(small, large, due, polls))):
+        loop = VirtualTimeLoop()
+        try:
+            loop.run_until_complete(scenario)
+        finally:
+            loop.close()
+
+
+async def _under_a_clock(scenario: Any) -> None:
+    async with VirtualClock(START):
+        await scenario
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--small", type=int, default=100)
@@ -91,7 +117,7 @@ def main() -> None:
     parser.add_argument("--due", type=int, default=10)
     parser.add_argument("--polls", type=int, default=1000)
     args = parser.parse_args()
-    asyncio.run(run(args.small, args.large, args.due, args.polls))
+    run(args.small, args.large, args.due, args.polls)
 
 
 if __name__ == "__main__":
