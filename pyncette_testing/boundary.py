@@ -182,22 +182,23 @@ def _recording_middleware(
     and the clock only, so that tracebacks kept in the journal never keep a simulation alive."""
 
     loop = clock.loop
+    entries = journal.entries
 
     async def record_execution(context: Context, next: Callable[[], Awaitable[None]]) -> None:
         task = context.task
         parent = task.parent_task
-        entry = journal.begin(
-            _Entry(
-                task.canonical_name,
-                None if parent is None else parent.name,
-                None if parent is None else task.name,
-                worker,
-                context.scheduled_at.astimezone(datetime.timezone.utc),
-                loop.time(),
-                dict(context.args) if context.args else {},
-            )
+        args = context.args
+        entry = _Entry(
+            task.canonical_name,
+            None if parent is None else parent.name,
+            None if parent is None else task.name,
+            worker,
+            context.scheduled_at,
+            loop._now,
+            dict(args) if args else {},
+            TASK_GROUP.get(),
         )
-        entry.group = TASK_GROUP.get()
+        entries.append(entry)
         if task.execution_mode == ExecutionMode.AT_MOST_ONCE:
             entry.settlement = Settlement.NOT_APPLICABLE
         elif context._lease is not None:

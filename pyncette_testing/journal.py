@@ -135,12 +135,13 @@ class _Entry:
         scheduled_at: datetime.datetime,
         started_at: float,
         args: dict[str, Any],
+        group: object,
     ) -> None:
         self.task = task
         self.template = template
         self.instance = instance
         self.worker = worker
-        self.scheduled_at = scheduled_at
+        self.scheduled_at = scheduled_at  # as Pyncette gave it (in the task's zone); UTC when read
         self.started_at = started_at  # loop time; the journal turns it into an instant when read
         self.finished_at: float | None = None
         self.outcome = Outcome.RUNNING
@@ -149,7 +150,7 @@ class _Entry:
         self.args = args
         self.lease: str | None = None  # the lease it runs under (AT_LEAST_ONCE)
         self.lease_duration: float | None = None
-        self.group: object = None  # the worker incarnation that runs it
+        self.group = group  # the worker incarnation that runs it
 
     def finish(self, outcome: Outcome, at: float, error: BaseException | None = None) -> None:
         if self.outcome is not Outcome.RUNNING:
@@ -159,12 +160,15 @@ class _Entry:
         self.error = error
 
     def freeze(self, instant: Callable[[float], datetime.datetime]) -> Execution:
-        return Execution(
+        # Reading the journal builds one Execution per run: fill the frozen dataclass's fields
+        # directly instead of through its __init__ (one object.__setattr__ call per field).
+        execution = _new_execution(Execution)
+        vars(execution).update(
             task=self.task,
             template=self.template,
             instance=self.instance,
             worker=self.worker,
-            scheduled_at=self.scheduled_at,
+            scheduled_at=self.scheduled_at.astimezone(datetime.timezone.utc),
             started_at=instant(self.started_at),
             finished_at=None if self.finished_at is None else instant(self.finished_at),
             outcome=self.outcome,
@@ -172,6 +176,10 @@ class _Entry:
             error=self.error,
             args=dict(self.args),
         )
+        return execution
+
+
+_new_execution = object.__new__
 
 
 class Journal:
@@ -181,23 +189,15 @@ class Journal:
     def __init__(self, instant: Callable[[float], datetime.datetime]) -> None:
         self.instant = instant
         self.entries: list[_Entry] = []
-        self._events: list[tuple[float, str, str | None, Any, str]] = []
+        self._events: list[tuple[float, str, str | None, str | None, str]] = []
 
-    def begin(self, entry: _Entry) -> _Entry:
-        self.entries.append(entry)
-        return entry
-
-    def event(self, at: float, kind: str, worker: str | None = None, task: Any = None, detail: str = "") -> None:
-        """``task``: a name, or a Task whose canonical name is taken when events are read."""
+    def event(self, at: float, kind: str, worker: str | None = None, task: str | None = None, detail: str = "") -> None:
         self._events.append((at, kind, worker, task, detail))
 
     @property
     def events(self) -> list[Event]:
         instant = self.instant
-        return [
-            Event(instant(at), kind, worker, getattr(task, "canonical_name", task), detail)
-            for at, kind, worker, task, detail in self._events
-        ]
+        return [Event(instant(at), kind, worker, task, detail) for at, kind, worker, task, detail in self._events]
 
     def executions(self, entries: Iterable[_Entry] | None = None) -> list[Execution]:
         instant = self.instant

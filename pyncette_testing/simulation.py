@@ -534,9 +534,11 @@ class Simulation:
         )
 
     def _event(self, kind: str, worker: str | None = None, task: Task | str | None = None, detail: str = "") -> None:
-        # a Task's name is worked out when the events are read: this runs on every lease change
+        # The name, not the Task: a dynamic instance's Task is built afresh for every execution,
+        # and keeping each one would hold every instance ever run in memory.
         assert self._clock is not None
-        self._journal.event(self._clock.loop._now, kind, worker, task, detail)
+        name = task.canonical_name if isinstance(task, Task) else task
+        self._journal.event(self._clock.loop._now, kind, worker, name, detail)
 
     def events(self, kind: str | None = None) -> list[Event]:
         """Faults, crashes and lease changes, in the order they happened (optionally one kind)."""

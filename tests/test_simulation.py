@@ -361,7 +361,9 @@ async def test_execution_values_compare_print_and_are_frozen(pyncette_app: Simul
     assert done.duration == seconds(1)
     assert done.lateness == datetime.timedelta(0)
     assert done == dataclasses.replace(done)
+    assert vars(done).keys() == {field.name for field in dataclasses.fields(Execution)}
     assert done != running[0]
+    assert hash(done) == hash(dataclasses.replace(done))
     assert str(done) == "tick on w1: scheduled 2019-01-01 00:00:05, ran 2019-01-01 00:00:05 to 00:00:06, succeeded"
     assert "Execution(task='tick'" in repr(done)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -544,3 +546,14 @@ def test_simulate_runs_an_app_from_synchronous_code() -> None:
 async def test_simulate_refuses_to_run_inside_a_running_loop() -> None:
     with pytest.raises(RuntimeError, match="async with Simulation"):
         simulate(None, 10)
+
+
+async def test_scheduled_at_reads_in_utc_for_a_task_with_a_timezone(pyncette_app: Simulation) -> None:
+    @pyncette_app.task(schedule="0 9 * * *", timezone="Europe/Berlin")
+    async def morning(context: Context) -> None:
+        pass
+
+    await pyncette_app.advance(days=1)
+    (run,) = pyncette_app.executions(morning)
+    assert run.scheduled_at.tzinfo is UTC
+    assert run.scheduled_at == datetime.datetime(2019, 1, 1, 8, tzinfo=UTC)  # 09:00 in Berlin
