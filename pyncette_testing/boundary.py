@@ -19,6 +19,7 @@ from pyncette.model import (
     ContinuationToken,
     ExecutionMode,
     FailureMode,
+    Lease,
     PollResponse,
     QueryResponse,
     ResultType,
@@ -39,6 +40,8 @@ __all__: list[str] = []
 
 # What backends cache on Task objects, which every process of a real cluster has its own copy of.
 _TASK_CACHES = ("_last_lease",)
+# The calls that settle an execution's lease.
+_SETTLING = frozenset({"commit_task", "unlock_task"})
 
 
 # -- the repository boundary ----------------------------------------------------------------------------
@@ -68,13 +71,13 @@ class _SimulationRepository(_RepositoryProxy):
         if worker._clock_skew:
             args = (utc_now + worker._clock_skew, *args[1:])
         faults = simulation.faults
-        lease = _lease_key(args[2]) if operation in ("commit_task", "unlock_task") else None
-        entry = simulation._by_lease.get(lease) if lease is not None else None
+        lease = _lease_key(args[2]) if operation in _SETTLING else None
+        entry = simulation._by_lease.pop(lease, None) if lease is not None else None
         try:
             if faults.armed:
                 await faults.before(operation, worker.name, task)
             if simulation._is_memory:
-                holds = entry is not None and lease is not None and self._holds_lease_in_memory(task, lease)
+                holds = entry is not None and self._holds_lease_in_memory(task, lease)
                 result = await getattr(self._inner, operation)(*args)
             else:
                 # One backend call at a time, in the order they were made: each is atomic, as on the
@@ -83,11 +86,7 @@ class _SimulationRepository(_RepositoryProxy):
                 async with simulation._backend_lock:
                     try:
                         with self._own_task_state(task):
-                            holds = (
-                                entry is not None
-                                and lease is not None
-                                and await self._holds_lease(args[0], task, lease)
-                            )
+                            holds = entry is not None and await self._holds_lease(args[0], task, lease)
                             result = await getattr(self._inner, operation)(*args)
                     finally:
                         if due_times is not None:
@@ -97,16 +96,9 @@ class _SimulationRepository(_RepositoryProxy):
                 entry.settlement = Settlement.COMMIT_FAILED
             raise
         if entry is not None:
-            commit = operation == "commit_task"
-            if holds:
-                entry.settlement = Settlement.COMMITTED if commit else Settlement.UNLOCKED
-                simulation._event("lease released", worker.name, task, "committed" if commit else "unlocked")
-            else:
-                entry.settlement = Settlement.LEASE_LOST
-                simulation._event("lease lost", worker.name, task, f"{'commit' if commit else 'unlock'} refused")
-        elif operation == "poll_task" and isinstance(result, PollResponse) and result.result == ResultType.READY:
-            if task.execution_mode == ExecutionMode.AT_LEAST_ONCE:
-                simulation._event("lease taken", worker.name, task)
+            self._settled(entry, operation, task, holds)
+        elif operation == "poll_task" and isinstance(result, PollResponse):
+            self._polled(task, result)
         elif operation == "extend_lease" and result is None:
             simulation._event("lease lost", worker.name, task, "extend_lease refused")
         if operation == "register_task":
@@ -117,16 +109,76 @@ class _SimulationRepository(_RepositoryProxy):
             faults.after(operation, worker.name, task)
         return result
 
+    def _settled(self, entry: _Entry, operation: str, task: Task, holds: bool) -> None:
+        """A commit or unlock of ``entry``'s lease went through: journal how it was settled."""
+        commit = operation == "commit_task"
+        if holds:
+            entry.settlement = Settlement.COMMITTED if commit else Settlement.UNLOCKED
+            self._simulation._event("lease released", self._worker.name, task, "committed" if commit else "unlocked")
+        else:
+            entry.settlement = Settlement.LEASE_LOST
+            self._simulation._event(
+                "lease lost", self._worker.name, task, f"{'commit' if commit else 'unlock'} refused"
+            )
+
+    def _polled(self, task: Task, result: PollResponse) -> None:
+        if result.result == ResultType.READY and task.execution_mode == ExecutionMode.AT_LEAST_ONCE:
+            self._simulation._event("lease taken", self._worker.name, task)
+
+    # -- the calls on every tick and every execution: straight to the in-memory store ----------------
+    #
+    # On the in-memory store, with no fault planned, a call needs none of _call's generic work: these
+    # make it directly and do only the journal's bookkeeping.
+
+    def _straight_to_memory(self) -> bool:
+        simulation = self._simulation
+        return simulation._is_memory and not simulation.faults.armed and self._worker._group is self._group
+
+    def _now(self, utc_now: datetime.datetime) -> datetime.datetime:
+        skew = self._worker._clock_skew
+        return utc_now + skew if skew else utc_now
+
     def poll_dynamic_task(
         self, utc_now: datetime.datetime, task: Task, continuation_token: ContinuationToken | None = None
     ) -> Coroutine[Any, Any, QueryResponse]:
-        # Pyncette makes this call for every task on every tick. On the in-memory store, with no
-        # fault planned, there is nothing to record about it: straight to the store.
-        simulation, worker = self._simulation, self._worker
-        if simulation._is_memory and not simulation.faults.armed and worker._group is self._group:
-            skew = worker._clock_skew
-            return self._inner.poll_dynamic_task(utc_now + skew if skew else utc_now, task, continuation_token)
+        # Pyncette makes this call for every task on every tick: there is nothing to record about it.
+        if self._straight_to_memory():
+            return self._inner.poll_dynamic_task(self._now(utc_now), task, continuation_token)
         return self._call("poll_dynamic_task", utc_now, task, continuation_token)
+
+    def poll_task(
+        self, utc_now: datetime.datetime, task: Task, lease: Lease | None = None
+    ) -> Coroutine[Any, Any, PollResponse]:
+        if self._straight_to_memory():
+            return self._poll_in_memory(self._now(utc_now), task, lease)
+        return self._call("poll_task", utc_now, task, lease)
+
+    def commit_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Coroutine[Any, Any, None]:
+        if self._straight_to_memory():
+            return self._settle_in_memory("commit_task", self._now(utc_now), task, lease)
+        return self._call("commit_task", utc_now, task, lease)
+
+    def unlock_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Coroutine[Any, Any, None]:
+        if self._straight_to_memory():
+            return self._settle_in_memory("unlock_task", self._now(utc_now), task, lease)
+        return self._call("unlock_task", utc_now, task, lease)
+
+    async def _poll_in_memory(self, utc_now: datetime.datetime, task: Task, lease: Lease | None) -> PollResponse:
+        result = await self._inner.poll_task(utc_now, task, lease)
+        self._polled(task, result)
+        return result
+
+    async def _settle_in_memory(self, operation: str, utc_now: datetime.datetime, task: Task, lease: Lease) -> None:
+        entry = self._simulation._by_lease.pop(_lease_key(lease), None)
+        if entry is None:  # not an execution's lease: nothing to journal
+            return await getattr(self._inner, operation)(utc_now, task, lease)  # type: ignore[no-any-return]
+        holds = self._holds_lease_in_memory(task, lease)
+        try:
+            await getattr(self._inner, operation)(utc_now, task, lease)
+        except Exception:
+            entry.settlement = Settlement.COMMIT_FAILED
+            raise
+        self._settled(entry, operation, task, holds)
 
     @contextlib.contextmanager
     def _own_task_state(self, task: Task | None) -> Iterator[None]:
@@ -150,20 +202,22 @@ class _SimulationRepository(_RepositoryProxy):
             }
             attributes.update(theirs)
 
-    def _holds_lease_in_memory(self, task: Task, lease: str) -> bool:
+    def _holds_lease_in_memory(self, task: Task, key: object) -> bool:
+        """Whether the stored lock is the lease with this :func:`_lease_key`."""
         row = self._simulation._store._row(task.canonical_name)
-        return row is not None and row.locked_by == lease
+        return row is not None and row.locked_by == str(key)
 
-    async def _holds_lease(self, utc_now: datetime.datetime, task: Task, lease: str) -> bool:
+    async def _holds_lease(self, utc_now: datetime.datetime, task: Task, key: object) -> bool:
         state = await self._inner.get_task_state(utc_now, task)
-        return state is not None and str(state.locked_by) == lease
+        return state is not None and str(state.locked_by) == str(key)
 
 
-def _lease_key(lease: object) -> str:
-    """A lease as the string the backend stores as ``locked_by``. Redis leases are records whose
-    version changes on every heartbeat; their ``locked_by`` stays the same for the whole execution."""
-    if isinstance(lease, (str, uuid.UUID)):  # memory, sqlite, postgres: no attribute lookup to fail
-        return str(lease)
+def _lease_key(lease: object) -> object:
+    """What identifies a lease for the whole execution. Memory, sqlite and postgres leases are
+    UUIDs, kept as they are (hashing one is cheaper than formatting it). Redis leases are records
+    whose version changes on every heartbeat; their ``locked_by`` stays the same throughout."""
+    if isinstance(lease, (str, uuid.UUID)):
+        return lease
     return str(getattr(lease, "locked_by", lease))
 
 
@@ -174,7 +228,7 @@ def _recording_middleware(
     journal: Journal,
     clock: VirtualClock,
     worker: str,
-    by_lease: dict[str, _Entry],
+    by_lease: dict[object, _Entry],
     started: Callable[[str, Task], None],
     crash_plans: list[Any],
 ) -> Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]:

@@ -125,8 +125,8 @@ class TickElision:
         # First pass, cheap: how many ticks each poll loop could skip. Usually none (busy apps).
         skips: dict[int, int] = {}
         for handle, state in loop._tick_timers.values():
-            if state is not None and state.context is not None and state.stretch is None and not handle.cancelled():
-                skipped = self._idle_ticks(state, handle.when(), horizon)
+            if state is not None and state.context is not None and state.stretch is None and not handle._cancelled:
+                skipped = self._idle_ticks(state, handle._when, horizon)  # type: ignore[attr-defined]
                 if skipped:
                     skips[id(handle)] = skipped
         if not skips:

@@ -335,6 +335,8 @@ class Faults:
 
     def blocks_elision(self) -> bool:
         """Whether skipping idle ticks could change what happens: a fault counts or slows polls."""
+        if not self.armed:
+            return False
         if self._chaos is not None and self._chaos[1] & _POLLS:
             return True
         return any(rule.operation in _POLLS and (rule.remaining is None or rule.remaining > 0) for rule in self._rules)

@@ -148,7 +148,7 @@ class _Entry:
         self.settlement = Settlement.NONE
         self.error: BaseException | None = None
         self.args = args
-        self.lease: str | None = None  # the lease it runs under (AT_LEAST_ONCE)
+        self.lease: object = None  # what identifies the lease it runs under (AT_LEAST_ONCE)
         self.lease_duration: float | None = None
         self.group = group  # the worker incarnation that runs it
 

@@ -65,18 +65,23 @@ class _VirtualSelector(selectors.BaseSelector):
     def __init__(self, real: selectors.BaseSelector, loop: VirtualTimeLoop) -> None:
         self._real = real
         self._loop = loop
+        self._registered = 0  # counted here: the loop asks on every step
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._real.register(fileobj, events, data)
+        key = self._real.register(fileobj, events, data)
+        self._registered += 1
+        return key
 
     def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._real.unregister(fileobj)
+        key = self._real.unregister(fileobj)
+        self._registered -= 1
+        return key
 
     def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._real.modify(fileobj, events, data)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        return self._loop._select(self._real, timeout)
+        return self._loop._select(self._real, timeout, self._registered)
 
     def close(self) -> None:
         self._real.close()
@@ -352,7 +357,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     # -- the one place where time moves ---------------------------------------------------------
 
-    def _select(self, real: selectors.BaseSelector, timeout: float | None) -> list[tuple[selectors.SelectorKey, int]]:
+    def _select(
+        self, real: selectors.BaseSelector, timeout: float | None, registered: int
+    ) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout == 0:
             # Ready work exists. Time only passes for code that spins without ever going idle.
             self._busy_iterations += 1
@@ -361,7 +368,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 self._fire_next_timer(self._waiter.horizon if self._waiter is not None else math.inf)
             # With no file descriptor but the loop's own wake-up pipe, the poll can wait until the
             # loop goes idle (it always polls then, before any jump): it saves a syscall per step.
-            if len(real.get_map()) <= 1:
+            if registered <= 1:
                 return []
             return real.select(0)
 

@@ -216,7 +216,7 @@ class Simulation:
         self._template = _copy_app(app if app is not None else Pyncette())
         self._fixture_overrides: dict[str, Callable[..., Any]] = {}
         self._journal = Journal(self._instant)  # re-pointed at the clock alone once it is known
-        self._by_lease: dict[str, _Entry] = {}
+        self._by_lease: dict[object, _Entry] = {}  # executions whose lease is not settled yet
         self._scheduled_instances: dict[str, bool] = {}
         self._crash_signal: asyncio.Future[None] | None = None  # dynamic instances registered -> once-off
         self._dead_groups: list[object] = []
