@@ -235,8 +235,9 @@ class _StoreDueTimes:
         for name, dynamic in tasks:
             if dynamic:
                 index = store._due.get(name)
-                if index:
-                    earliest = min(earliest, index[0][0][0])
+                due = None if index is None else index.earliest()
+                if due is not None:
+                    earliest = min(earliest, due)
                 continue
             row = store._row(name)
             if row is None or row.execute_after is None:

@@ -11,6 +11,7 @@ settles before the second one fires.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import heapq
@@ -102,7 +103,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     """
 
     def __init__(self, *, stall_timeout: float = 1.0, io_timeout: float = 60.0) -> None:
-        super().__init__(selector=_VirtualSelector(selectors.DefaultSelector(), self))
+        self._virtual_selector = _VirtualSelector(selectors.DefaultSelector(), self)
+        super().__init__(selector=self._virtual_selector)
         for name, value in (("stall_timeout", stall_timeout), ("io_timeout", io_timeout)):
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 self.close()
@@ -356,6 +358,23 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         return True
 
     # -- the one place where time moves ---------------------------------------------------------
+
+    def _run_once(self) -> None:
+        # asyncio's own iteration, minus what never applies here: its timer heap stays empty (our
+        # timers fire from _select) and the time is read only when a timer fires. It runs several
+        # times per execution of any task, so what it skips shows in every simulation.
+        if self._debug:  # type: ignore[attr-defined]
+            super()._run_once()  # type: ignore[misc]
+            return
+        ready: collections.deque[asyncio.Handle] = self._ready  # type: ignore[attr-defined]
+        selector = self._virtual_selector
+        events = self._select(selector._real, 0 if ready or self._stopping else None, selector._registered)  # type: ignore[attr-defined]
+        if events:
+            self._process_events(events)  # type: ignore[attr-defined]
+        for _ in range(len(ready)):
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()
 
     def _select(
         self, real: selectors.BaseSelector, timeout: float | None, registered: int

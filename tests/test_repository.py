@@ -542,6 +542,39 @@ async def test_poll_dynamic_task_skips_locked_instances_until_the_lease_expires(
 
 
 @pytest.mark.asyncio
+async def test_poll_dynamic_task_order_and_index_size_survive_many_changes() -> None:
+    # The due index keeps superseded entries until they surface: thousands of polls, commits,
+    # re-registrations and deletions must neither change the answers nor let it grow unbounded.
+    repo = repository(batch_size=3)
+    template = dynamic()
+    names = [f"i{number:02d}" for number in range(20)]
+    for number, name in enumerate(names):
+        await repo.register_task(T0, template.instantiate(name, interval=datetime.timedelta(seconds=60 + number)))
+    order = {f"{template.canonical_name}:{name}": number for number, name in enumerate(names)}  # rowids
+    now, returned = T0, 0
+    for step in range(300):
+        now += datetime.timedelta(seconds=7)
+        due = sorted(
+            (max(r.locked_until or T0, r.execute_after or T0), order[r.name], r.name)
+            for r in repo.store.instances(template.canonical_name)
+        )
+        expected = [name.split(":")[1] for when, _, name in due if when <= now][:3]
+        query = await repo.poll_dynamic_task(now, template)
+        assert [task.name for task, _ in query.tasks] == expected
+        returned += len(expected)
+        for task, lease in query.tasks:
+            polled = await repo.poll_task(now, task, lease)
+            await repo.commit_task(now, task, polled.lease)
+        if step % 50 == 49:
+            gone = names.pop(0)
+            await repo.unregister_task(now, template.instantiate(gone, interval=MINUTE))
+    assert returned > 300  # most polls found a full batch
+    index = repo.store._due[template.canonical_name]
+    assert index.live == len(names) == 14
+    assert len(index._heap) <= 2 * index.live + 64
+
+
+@pytest.mark.asyncio
 async def test_poll_dynamic_task_only_sees_its_own_instances() -> None:
     repo = repository()
     template, other = dynamic("one"), dynamic("two")
