@@ -83,6 +83,9 @@ class _Row:
         )
 
 
+_IndexEntry = tuple[tuple[float, int], int, "_Row"]  # (due key, row version, row)
+
+
 class _DueIndex:
     """One dynamic template's instances ordered by due key: a heap with lazy deletion.
 
@@ -92,10 +95,11 @@ class _DueIndex:
     cost several Python calls: this runs three times per execution of a dynamic instance.
     """
 
-    __slots__ = ("_heap", "live")
+    __slots__ = ("_heap", "_held", "live")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[tuple[float, int], int, _Row]] = []
+        self._heap: list[_IndexEntry] = []
+        self._held: list[_IndexEntry] = []  # handed out by first(), not pushed back yet
         self.live = 0
 
     def add(self, row: _Row) -> None:
@@ -114,18 +118,19 @@ class _DueIndex:
 
     def earliest(self) -> float | None:
         """The smallest due time, ``None`` if empty."""
-        heap = self._drop_stale()
+        heap = self._top()
         return heap[0][0][0] if heap else None
 
     def first(self, now: float, limit: int) -> list[_Row]:
         """Up to ``limit`` rows due at ``now``, soonest first (ties by rowid): O(limit log n)."""
-        heap = self._drop_stale()
-        taken: list[tuple[tuple[float, int], int, _Row]] = []
+        heap = self._top()
+        taken: list[_IndexEntry] = []
         while heap and len(taken) < limit and heap[0][0][0] <= now:
             taken.append(heapq.heappop(heap))
-            heap = self._drop_stale()
-        for entry in taken:  # still their rows' current entries
-            heapq.heappush(heap, entry)
+            _drop_stale(heap)
+        # The caller (a poll) usually moves these rows at once, which makes these entries stale:
+        # they are pushed back only if still current when the index is next read.
+        self._held = taken
         return [row for _, _, row in taken]
 
     def _push(self, row: _Row) -> None:
@@ -137,11 +142,20 @@ class _DueIndex:
             self._heap = [entry for entry in self._heap if entry[1] == entry[2].version]
             heapq.heapify(self._heap)
 
-    def _drop_stale(self) -> list[tuple[tuple[float, int], int, _Row]]:
+    def _top(self) -> list[_IndexEntry]:
         heap = self._heap
-        while heap and heap[0][1] != heap[0][2].version:
-            heapq.heappop(heap)
+        if self._held:
+            for entry in self._held:
+                if entry[1] == entry[2].version:
+                    heapq.heappush(heap, entry)
+            self._held = []
+        _drop_stale(heap)
         return heap
+
+
+def _drop_stale(heap: list[_IndexEntry]) -> None:
+    while heap and heap[0][1] != heap[0][2].version:
+        heapq.heappop(heap)
 
 
 class InMemoryStore:
