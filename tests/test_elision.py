@@ -215,7 +215,7 @@ def test_elision_changes_nothing_observable(plan: AppPlan) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
-@given(plan=app_plans(max_ticks=100))
+@given(plan=app_plans(max_ticks=60))
 def test_elision_changes_nothing_observable_on_real_backends(pyncette_backend: str, plan: AppPlan) -> None:
     # There the due times are read from the backend itself after each write. Postgres hands out
     # equally due instances in no defined order, so journals are compared as sets per instant.
