@@ -77,7 +77,7 @@ class _SimulationRepository(_RepositoryProxy):
             if faults.armed:
                 await faults.before(operation, worker.name, task)
             if simulation._is_memory:
-                holds = entry is not None and self._holds_lease_in_memory(task, lease)
+                holds = entry is not None and self._holds_lease_in_memory(task.canonical_name, lease)
                 result = await getattr(self._inner, operation)(*args)
             else:
                 # One backend call at a time, in the order they were made: each is atomic, as on the
@@ -109,7 +109,7 @@ class _SimulationRepository(_RepositoryProxy):
             faults.after(operation, worker.name, task)
         return result
 
-    def _settled(self, entry: _Entry, operation: str, task: Task, holds: bool) -> None:
+    def _settled(self, entry: _Entry, operation: str, task: Task | str, holds: bool) -> None:
         """A commit or unlock of ``entry``'s lease went through: journal how it was settled."""
         commit = operation == "commit_task"
         if holds:
@@ -130,37 +130,41 @@ class _SimulationRepository(_RepositoryProxy):
     # On the in-memory store, with no fault planned, a call needs none of _call's generic work: these
     # make it directly and do only the journal's bookkeeping.
 
-    def _straight_to_memory(self) -> bool:
-        simulation = self._simulation
-        return simulation._is_memory and not simulation.faults.armed and self._worker._group is self._group
-
-    def _now(self, utc_now: datetime.datetime) -> datetime.datetime:
-        skew = self._worker._clock_skew
+    def _direct(self, utc_now: datetime.datetime) -> datetime.datetime | None:
+        """``utc_now`` as this worker sees it, if the call can go straight to the store; else None."""
+        simulation, worker = self._simulation, self._worker
+        if not simulation._is_memory or simulation.faults.armed or worker._group is not self._group:
+            return None
+        skew = worker._clock_skew
         return utc_now + skew if skew else utc_now
 
     def poll_dynamic_task(
         self, utc_now: datetime.datetime, task: Task, continuation_token: ContinuationToken | None = None
     ) -> Coroutine[Any, Any, QueryResponse]:
         # Pyncette makes this call for every task on every tick: there is nothing to record about it.
-        if self._straight_to_memory():
-            return self._inner.poll_dynamic_task(self._now(utc_now), task, continuation_token)
+        now = self._direct(utc_now)
+        if now is not None:
+            return self._inner.poll_dynamic_task(now, task, continuation_token)
         return self._call("poll_dynamic_task", utc_now, task, continuation_token)
 
     def poll_task(
         self, utc_now: datetime.datetime, task: Task, lease: Lease | None = None
     ) -> Coroutine[Any, Any, PollResponse]:
-        if self._straight_to_memory():
-            return self._poll_in_memory(self._now(utc_now), task, lease)
+        now = self._direct(utc_now)
+        if now is not None:
+            return self._poll_in_memory(now, task, lease)
         return self._call("poll_task", utc_now, task, lease)
 
     def commit_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Coroutine[Any, Any, None]:
-        if self._straight_to_memory():
-            return self._settle_in_memory("commit_task", self._now(utc_now), task, lease)
+        now = self._direct(utc_now)
+        if now is not None:
+            return self._settle_in_memory("commit_task", now, task, lease)
         return self._call("commit_task", utc_now, task, lease)
 
     def unlock_task(self, utc_now: datetime.datetime, task: Task, lease: Lease) -> Coroutine[Any, Any, None]:
-        if self._straight_to_memory():
-            return self._settle_in_memory("unlock_task", self._now(utc_now), task, lease)
+        now = self._direct(utc_now)
+        if now is not None:
+            return self._settle_in_memory("unlock_task", now, task, lease)
         return self._call("unlock_task", utc_now, task, lease)
 
     async def _poll_in_memory(self, utc_now: datetime.datetime, task: Task, lease: Lease | None) -> PollResponse:
@@ -172,13 +176,14 @@ class _SimulationRepository(_RepositoryProxy):
         entry = self._simulation._by_lease.pop(_lease_key(lease), None)
         if entry is None:  # not an execution's lease: nothing to journal
             return await getattr(self._inner, operation)(utc_now, task, lease)  # type: ignore[no-any-return]
-        holds = self._holds_lease_in_memory(task, lease)
+        name = task.canonical_name
+        holds = self._holds_lease_in_memory(name, lease)
         try:
             await getattr(self._inner, operation)(utc_now, task, lease)
         except Exception:
             entry.settlement = Settlement.COMMIT_FAILED
             raise
-        self._settled(entry, operation, task, holds)
+        self._settled(entry, operation, name, holds)
 
     @contextlib.contextmanager
     def _own_task_state(self, task: Task | None) -> Iterator[None]:
@@ -202,9 +207,9 @@ class _SimulationRepository(_RepositoryProxy):
             }
             attributes.update(theirs)
 
-    def _holds_lease_in_memory(self, task: Task, key: object) -> bool:
-        """Whether the stored lock is the lease with this :func:`_lease_key`."""
-        row = self._simulation._store._row(task.canonical_name)
+    def _holds_lease_in_memory(self, name: str, key: object) -> bool:
+        """Whether the stored lock of the task named ``name`` is the lease with this :func:`_lease_key`."""
+        row = self._simulation._store._row(name)
         return row is not None and row.locked_by == str(key)
 
     async def _holds_lease(self, utc_now: datetime.datetime, task: Task, key: object) -> bool:
