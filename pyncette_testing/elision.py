@@ -1,14 +1,16 @@
 """Idle-tick elision: a simulated year of a daily job costs its 365 executions, not 31 million ticks.
 
-Pyncette's poll loop ticks every ``poll_interval``. When the loop is idle and the only timers left
-are the workers' waits for their next tick, every tick until something can become due would poll,
-find every task pending or locked, and change nothing. So each worker's wait timer is moved
-straight to the first instant of its own tick grid at which one of its tasks can be due (its
-``execute_after``, or the expiry of a lease on it), and the observable traces of the skipped ticks
-are reproduced: the round-robin rotation of its task list and its ``last_tick``.
+Pyncette's poll loop ticks every ``poll_interval``. When the loop is idle and the next timer is a
+worker's wait for its next tick, every tick until something can become due would poll, find every
+task pending or locked, and change nothing. So each worker's wait timer is moved straight to the
+first instant of its own tick grid at which one of its tasks can be due (its ``execute_after``, or
+the expiry of a lease on it), and the observable traces of the skipped ticks are reproduced: the
+round-robin rotation of its task list and its ``last_tick``.
 
 Anything that makes ready work (a task body, a write by the test, another worker's commit) runs
-before the loop is idle again, so no write can ever fall inside a skipped stretch.
+before the loop is idle again. Other timers (a task body's sleep, a planned fault) bound the skip:
+the first tick left to run comes before the earliest of them, so no write can ever fall inside a
+skipped stretch, and a tick never changes places with another timer.
 
 Due times come from the in-memory store directly. On a real backend they are read from the backend
 itself (:class:`BackendDueTimes`): after any call that may have written, the first idle moment
@@ -34,7 +36,7 @@ from pyncette.repository import Repository
 from pyncette.task import Task
 
 from .clock import VirtualClock
-from .loop import VirtualTimeLoop, detached_task
+from .loop import TASK_GROUP, VirtualTimeLoop, detached_task
 from .store import InMemoryStore
 
 __all__ = ["BackendDueTimes", "TickElision"]
@@ -122,11 +124,17 @@ class TickElision:
                 return
         waiter = loop._waiter
         horizon = waiter.horizon if waiter is not None else math.inf
+        # Until another timer fires (a task body's sleep, a planned fault) nothing else can run:
+        # ticks before it can be skipped, and the first tick not skipped still comes before it.
+        bound = loop._first_other_timer()
         # First pass, cheap: how many ticks each poll loop could skip. Usually none (busy apps).
         skips: dict[int, int] = {}
+        frozen = loop._frozen  # a frozen (or crashed) worker's ticks are held, not skipped
         for handle, state in loop._tick_timers.values():
+            if frozen and handle._context.get(TASK_GROUP) in frozen:  # type: ignore[attr-defined]
+                continue
             if state is not None and state.context is not None and state.stretch is None and not handle._cancelled:
-                skipped = self._idle_ticks(state, handle._when, horizon)  # type: ignore[attr-defined]
+                skipped = self._idle_ticks(state, handle._when, horizon, bound)  # type: ignore[attr-defined]
                 if skipped:
                     skips[id(handle)] = skipped
         if not skips:
@@ -136,8 +144,8 @@ class TickElision:
         limit = _REPLAY_LIMIT if len({state.poll_interval for state in states}) > 1 else None
         chains: list[tuple[float, int, asyncio.TimerHandle, _PollLoop | None, float]] = []
         for when, sequence, handle in sorted(loop._timers):
-            if handle.cancelled():
-                continue
+            if handle._cancelled or when >= bound:
+                continue  # from here on, the timers (and their order) stay as they are
             state = loop._tick_timers[id(handle)][1]
             destination = when
             skipped = skips.get(id(handle), 0)
@@ -154,8 +162,11 @@ class TickElision:
         loop._retime(_tick_order(chains))
         self._follow_last_tick(loop.time())  # a skipped tick may be due right now
 
-    def _idle_ticks(self, state: _PollLoop, when: float, horizon: float) -> int:
-        """How many ticks from ``when`` on would find nothing to do (and can be skipped)."""
+    def _idle_ticks(self, state: _PollLoop, when: float, horizon: float, bound: float = math.inf) -> int:
+        """How many ticks from ``when`` on would find nothing to do (and can be skipped), leaving
+        the first tick not skipped before ``bound``."""
+        if when >= bound:
+            return 0
         keys = state.keys
         if keys is None:
             tasks = state.task_list()
@@ -168,19 +179,22 @@ class TickElision:
             return 0  # its next tick has work (or must run): nothing to skip
         period = state.poll_interval
         if math.isinf(due):
-            if math.isinf(horizon) or when > horizon:
+            if when > horizon or (math.isinf(horizon) and math.isinf(bound)):
                 return 0
-            return math.floor((horizon - when) / period) + 1  # up to the first tick after the horizon
-        # ticks at when + k * period; the first one whose "now" reaches `due`
-        estimate = max(0, math.ceil((self._loop_time_of(due, state) - when) / period))
-        skipped = estimate
-        while skipped > 0 and self._wall(_grid(when, period, skipped - 1), state) >= due:
-            skipped -= 1
-        while self._wall(_grid(when, period, skipped), state) < due:
-            skipped += 1
-        if not math.isinf(horizon) and _grid(when, period, skipped) > horizon:
-            skipped = max(0, math.floor((horizon - when) / period) + 1) if when <= horizon else 0
-        return skipped
+            skipped = math.floor((horizon - when) / period) + 1 if not math.isinf(horizon) else math.inf
+        else:
+            # ticks at when + k * period; the first one whose "now" reaches `due`
+            estimate = max(0, math.ceil((self._loop_time_of(due, state) - when) / period))
+            skipped = estimate
+            while skipped > 0 and self._wall(_grid(when, period, skipped - 1), state) >= due:
+                skipped -= 1
+            while self._wall(_grid(when, period, skipped), state) < due:
+                skipped += 1
+            if not math.isinf(horizon) and _grid(when, period, skipped) > horizon:
+                skipped = max(0, math.floor((horizon - when) / period) + 1) if when <= horizon else 0
+        if not math.isinf(bound):
+            skipped = min(skipped, _ticks_before(when, period, bound))
+        return int(skipped)
 
     # -- time conversions: the same arithmetic as the clock's -------------------------------------
 
@@ -385,6 +399,16 @@ def _tick_order(
         heapq.heappush(heap, (when + state.poll_interval, (1, made), index))
     ranked = sorted(final, key=lambda index: (final[index][1], index))
     return [(chains[index][2], chains[index][4]) for index in ranked]
+
+
+def _ticks_before(when: float, period: float, bound: float) -> int:
+    """The largest ``k`` with ``_grid(when, period, k) < bound`` (``when < bound``)."""
+    k = max(0, math.ceil((bound - when) / period) - 1)
+    while k > 0 and _grid(when, period, k) >= bound:
+        k -= 1
+    while _grid(when, period, k + 1) < bound:
+        k += 1
+    return k
 
 
 def _grid(when: float, period: float, ticks: int) -> float:

@@ -334,11 +334,16 @@ class Faults:
                 raise ConnectionError(f"{operation} was applied, but its acknowledgement was lost")
 
     def blocks_elision(self) -> bool:
-        """Whether skipping idle ticks could change what happens: a fault counts or slows polls."""
+        """Whether skipping idle ticks could change what happens: a fault counts or slows polls, or
+        a storage outage is on (its ticks fail, and a failed tick leaves ``last_tick`` alone)."""
         if not self.armed:
             return False
         if self._chaos is not None and self._chaos[1] & _POLLS:
             return True
+        if self._outages:
+            now = self._simulation.clock.loop.time()
+            if any(outage.start <= now < outage.end for outage in self._outages):
+                return True
         return any(rule.operation in _POLLS and (rule.remaining is None or rule.remaining > 0) for rule in self._rules)
 
     # -- helpers ------------------------------------------------------------------------------------

@@ -265,10 +265,26 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             return True  # every tick timer is in the heap, and nothing else is
         return all(id(handle) in self._tick_timers for _, _, handle in self._timers if not handle.cancelled())
 
+    def _next_is_a_tick(self) -> bool:
+        """Whether the earliest pending timer is a poll loop's wait for its next tick."""
+        entry = self._next_timer()
+        return entry is not None and id(entry[2]) in self._tick_timers
+
+    def _first_other_timer(self) -> float:
+        """When the earliest pending timer that is not a tick timer fires (inf if there is none)."""
+        if self._only_tick_timers():
+            return math.inf
+        tick_timers = self._tick_timers
+        return min(
+            (when for when, _, handle in self._timers if not handle._cancelled and id(handle) not in tick_timers),
+            default=math.inf,
+        )
+
     def _retime(self, order: list[tuple[asyncio.TimerHandle, float]]) -> None:
-        """Give timers new instants and a new scheduling order (the order of ``order``). Only
-        called when every pending timer is in ``order``: the others are dropped from the heap."""
-        self._timers = []
+        """Give the timers in ``order`` new instants and a new scheduling order (the order of
+        ``order``); the other pending timers keep theirs, and cancelled ones are dropped."""
+        moved = {id(handle) for handle, _ in order}
+        self._timers = [entry for entry in self._timers if not entry[2]._cancelled and id(entry[2]) not in moved]
         for handle, when in order:
             handle._when = when  # type: ignore[attr-defined]
             self._timers.append((when, next(self._sequence), handle))
@@ -405,7 +421,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             )
         if self._condition_holds():
             return []
-        if self._idle_hook is not None and self._tick_timers and self._only_tick_timers():
+        if self._idle_hook is not None and self._tick_timers and self._next_is_a_tick():
             self._idle_hook(self)
         waiter = self._waiter
         horizon = waiter.horizon if waiter is not None else math.inf

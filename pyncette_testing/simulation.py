@@ -794,10 +794,12 @@ class Simulation:
     async def list_tasks(
         self, task: Task, limit: int | None = None, continuation_token: Any = None
     ) -> ListTasksResponse:
-        """A page of a dynamic task's instances (``PyncetteContext.list_tasks``)."""
+        """A page of a dynamic task's instances (``PyncetteContext.list_tasks``), read straight from
+        the store like :meth:`get_task`: it needs no running worker and no planned fault applies to it."""
         self._check_task(task, "list_tasks")
-        context = await self._primary_context()
-        return await context.list_tasks(task, limit, continuation_token)
+        self._check_usable()
+        reader = types.SimpleNamespace(_repository=await self._admin())
+        return await PyncetteContext.list_tasks(reader, task, limit, continuation_token)  # type: ignore[arg-type]
 
     def _check_task(self, task: Any, method: str) -> None:
         if not isinstance(task, Task):

@@ -48,6 +48,7 @@ class AppPlan:
     instances: int
     workers: list[float]  # start offsets of the extra workers, in seconds
     steps: list[float]  # advance() chunks, in seconds
+    faults: list[tuple[int, tuple[Any, ...]]] = dataclasses.field(default_factory=list)  # (before step, fault)
 
 
 def schedules(poll: float) -> st.SearchStrategy[dict[str, Any]]:
@@ -94,7 +95,44 @@ def app_plans(draw: st.DrawFn, max_ticks: int = 400) -> AppPlan:
         instances=draw(st.integers(min_value=0, max_value=3)),
         workers=draw(st.lists(st.sampled_from([0.0, 0.3, poll / 2, 7.0]), max_size=2)),
         steps=steps,
+        faults=draw(st.lists(st.tuples(st.integers(0, len(steps) - 1), FAULTS), max_size=2)),
     )
+
+
+# Crashes and freezes of worker #n (modulo the workers there are), outages (duration, from how far
+# ahead), failed and slow repository calls, restarts: what a fault plan does to elision.
+FAULTS = st.one_of(
+    st.tuples(st.just("crash"), st.integers(0, 2), st.sampled_from([0.0, 0.5, 3.0, 61.0])),
+    st.tuples(st.just("freeze"), st.integers(0, 2), st.sampled_from([0.5, 4.0, 90.0])),
+    st.tuples(st.just("outage"), st.sampled_from([1.0, 30.0, 200.0]), st.sampled_from([0.0, 2.5, 45.0])),
+    st.tuples(
+        st.just("fail"), st.sampled_from(["commit_task", "poll_task", "unlock_task", "extend_lease"]), st.integers(1, 3)
+    ),
+    st.tuples(st.just("delay"), st.sampled_from(["commit_task", "poll_task"]), st.sampled_from([0.5, 5.0])),
+    st.tuples(st.just("restart"), st.integers(0, 2), st.just(0)),
+)
+
+
+async def apply_fault(sim: Simulation, fault: tuple[Any, ...]) -> str:
+    """Plan one fault; what refused it (the same with and without elision), else ``"ok"``."""
+    kind, first, second = fault
+    worker = sim.workers[first % len(sim.workers)] if kind in ("crash", "freeze", "restart") else None
+    try:
+        if kind == "crash":
+            sim.faults.crash(worker, at=sim.now + datetime.timedelta(seconds=second))
+        elif kind == "freeze":
+            worker.freeze(second)
+        elif kind == "outage":
+            sim.faults.outage(first, at=sim.now + datetime.timedelta(seconds=second))
+        elif kind == "fail":
+            sim.faults.fail(first, times=second)
+        elif kind == "delay":
+            sim.faults.delay(first, second, times=2)
+        else:
+            await worker.restart()
+    except (RuntimeError, ValueError) as refused:
+        return f"{type(refused).__name__}: {refused}"
+    return "ok"
 
 
 def _fails(name: str, scheduled_at: datetime.datetime, one_in: int) -> bool:
@@ -147,7 +185,9 @@ async def run(plan: AppPlan, elide: bool, backend: str) -> tuple[list[tuple[Any,
         for offset in plan.workers:
             await sim.advance(offset)
             await sim.add_worker()
-        for step in plan.steps:
+        for index, step in enumerate(plan.steps):
+            for _, fault in (planned for planned in plan.faults if planned[0] == index):
+                health.append(await apply_fault(sim, fault))
             await sim.advance(step)
             for worker in sim.workers:
                 context = worker.context
@@ -258,3 +298,35 @@ def test_a_decade_of_a_daily_job() -> None:
     report = simulate(app, datetime.timedelta(days=3653), start="2020-01-01T00:00:00Z")
     assert report.summary["daily"].runs == 3653
     assert report.summary["daily"].worst_lateness == datetime.timedelta(0)
+
+
+def test_ticks_while_a_body_sleeps_are_skipped_too() -> None:
+    # An hourly job that takes half an hour: its worker's ticks during the run find it locked and
+    # are skipped up to the body's own timer, with the same journal, last_tick and healthcheck.
+    app = Pyncette(poll_interval=datetime.timedelta(seconds=1))
+
+    @app.task(interval=datetime.timedelta(hours=1), lease_duration=datetime.timedelta(hours=2))
+    async def slow(context: Context) -> None:
+        await asyncio.sleep(1800)
+
+    async def main(elide: bool) -> tuple[list[Any], list[Any], int]:
+        health = []
+        async with Simulation(app, start=START, elide_idle_ticks=elide) as sim:
+            for _ in range(12):
+                await sim.advance(minutes=30, seconds=7)
+                context = sim.workers[0].context
+                health.append((context.last_tick, await default_healthcheck(context)))
+            journal = [(e.scheduled_at, e.started_at, e.finished_at, e.outcome) for e in sim.executions()]
+            return journal, health, sim._elision.elided_ticks if sim._elision is not None else 0
+
+    results = {}
+    for elide in (True, False):
+        loop = VirtualTimeLoop()
+        try:
+            results[elide] = loop.run_until_complete(main(elide))
+        finally:
+            loop.close()
+    assert results[True][:2] == results[False][:2]
+    assert len(results[True][0]) == 6
+    # 6 h of 1 s ticks; only those around each start, end and step are left to run
+    assert results[True][2] > 6 * 3600 - 6 * 20

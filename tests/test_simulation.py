@@ -557,3 +557,42 @@ async def test_scheduled_at_reads_in_utc_for_a_task_with_a_timezone(pyncette_app
     (run,) = pyncette_app.executions(morning)
     assert run.scheduled_at.tzinfo is UTC
     assert run.scheduled_at == datetime.datetime(2019, 1, 1, 8, tzinfo=UTC)  # 09:00 in Berlin
+
+
+def test_restarting_a_worker_set_up_but_not_started_leaves_no_task_behind() -> None:
+    # schedule_task before the first advance sets the worker up (its context) without starting it
+    app = Pyncette()
+
+    @app.dynamic_task()
+    async def job(context: Context) -> None:
+        pass
+
+    async def main() -> tuple[int, list[asyncio.Task[Any]]]:
+        async with Simulation(app, start=START) as sim:
+            await sim.schedule_task(job, "a", interval=seconds(60))
+            await sim.workers[0].restart()
+            await sim.advance(seconds=90)
+            runs = len(sim.executions(job))
+        return runs, [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+    loop = VirtualTimeLoop()
+    try:
+        runs, left = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert runs == 1
+    assert left == []
+
+
+async def test_get_task_and_list_tasks_read_the_store_with_every_worker_crashed(pyncette_app: Simulation) -> None:
+    @pyncette_app.dynamic_task()
+    async def reminder(context: Context) -> None:
+        pass
+
+    await pyncette_app.schedule_task(reminder, "a", interval=seconds(60))
+    await pyncette_app.advance(seconds=1)
+    await pyncette_app.workers[0].crash()
+    listing = await pyncette_app.list_tasks(reminder)
+    assert [state.task.name for state in listing.tasks] == ["a"]
+    state = await pyncette_app.get_task(reminder, "a")
+    assert state is not None and state.scheduled_at == START + seconds(60)
