@@ -275,6 +275,10 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         if self._only_tick_timers():
             return math.inf
         tick_timers = self._tick_timers
+        # Only the tick timers and cancelled entries can come before it: look at that many first.
+        for when, _, handle in heapq.nsmallest(len(tick_timers) + self._cancelled_timers + 1, self._timers):
+            if not handle._cancelled and id(handle) not in tick_timers:
+                return when
         return min(
             (when for when, _, handle in self._timers if not handle._cancelled and id(handle) not in tick_timers),
             default=math.inf,
