@@ -215,8 +215,14 @@ class TickElision:
             first, count = state.stretch
             if loop_time < first:
                 continue
-            done = min(count, math.floor((loop_time - first) / state.poll_interval) + 1)
-            last = _grid(first, state.poll_interval, done - 1)
+            period = state.poll_interval
+            done = min(count, math.floor((loop_time - first) / period) + 1)
+            # the division can land a tick off where the grid's repeated additions do not
+            while done > 1 and _grid(first, period, done - 1) > loop_time:
+                done -= 1
+            while done < count and _grid(first, period, done) <= loop_time:
+                done += 1
+            last = _grid(first, period, done - 1)
             microseconds = self._start_us + self._clock._wall_microseconds(last)
             if state.context is not None:
                 state.context._last_tick = _utc(microseconds)

@@ -162,7 +162,7 @@ class _Entry:
     def freeze(self, instant: Callable[[float], datetime.datetime]) -> Execution:
         # Reading the journal builds one Execution per run: fill the frozen dataclass's fields
         # directly instead of through its __init__ (one object.__setattr__ call per field).
-        execution = _new_execution(Execution)
+        execution = object.__new__(Execution)
         vars(execution).update(
             task=self.task,
             template=self.template,
@@ -177,9 +177,6 @@ class _Entry:
             args=dict(self.args),
         )
         return execution
-
-
-_new_execution = object.__new__
 
 
 class Journal:

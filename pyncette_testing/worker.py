@@ -118,8 +118,8 @@ class Worker:
         again and it starts polling at once."""
         simulation = self._simulation
         simulation._check_usable()
-        if self.running or (self._task is not None and not self._task.done() and not self._crashed):
-            await self.shutdown()  # also an incarnation that was set up but never started polling
+        if self._task is not None and not self._task.done() and not self._crashed:
+            await self.shutdown()  # running, or set up but never started polling
         if self._crashed:
             simulation._dead_groups.append(self._group)
         self._group = object()

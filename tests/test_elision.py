@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pyncette import Context, ExecutionMode, FailureMode, Pyncette
 from pyncette.healthcheck import default_healthcheck
@@ -99,11 +99,12 @@ def app_plans(draw: st.DrawFn, max_ticks: int = 400) -> AppPlan:
     )
 
 
-# Crashes and freezes of worker #n (modulo the workers there are), outages (duration, from how far
-# ahead), failed and slow repository calls, restarts: what a fault plan does to elision.
+# Crashes of worker #n (modulo the workers there are), outages (duration, from how far ahead),
+# failed and slow repository calls, restarts: what a fault plan does to elision. Not freezes yet:
+# a worker frozen while its backend call is in flight holds virtual time still until io_timeout
+# (tracked I/O is not per worker), with or without elision; see the open issue.
 FAULTS = st.one_of(
     st.tuples(st.just("crash"), st.integers(0, 2), st.sampled_from([0.0, 0.5, 3.0, 61.0])),
-    st.tuples(st.just("freeze"), st.integers(0, 2), st.sampled_from([0.5, 4.0, 90.0])),
     st.tuples(st.just("outage"), st.sampled_from([1.0, 30.0, 200.0]), st.sampled_from([0.0, 2.5, 45.0])),
     st.tuples(
         st.just("fail"), st.sampled_from(["commit_task", "poll_task", "unlock_task", "extend_lease"]), st.integers(1, 3)
@@ -116,12 +117,10 @@ FAULTS = st.one_of(
 async def apply_fault(sim: Simulation, fault: tuple[Any, ...]) -> str:
     """Plan one fault; what refused it (the same with and without elision), else ``"ok"``."""
     kind, first, second = fault
-    worker = sim.workers[first % len(sim.workers)] if kind in ("crash", "freeze", "restart") else None
+    worker = sim.workers[first % len(sim.workers)] if kind in ("crash", "restart") else None
     try:
         if kind == "crash":
             sim.faults.crash(worker, at=sim.now + datetime.timedelta(seconds=second))
-        elif kind == "freeze":
-            worker.freeze(second)
         elif kind == "outage":
             sim.faults.outage(first, at=sim.now + datetime.timedelta(seconds=second))
         elif kind == "fail":
@@ -241,6 +240,37 @@ def run_on_fresh_loop(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(app_plans())
+# A second worker whose ticks land exactly on the end of the run: last_tick once came out a tick late.
+@example(
+    AppPlan(
+        poll_interval=10,
+        tasks=[
+            TaskPlan(
+                "static",
+                {"interval": datetime.timedelta(seconds=600)},
+                ExecutionMode.AT_LEAST_ONCE,
+                FailureMode.NONE,
+                2,
+                0,
+                0,
+                False,
+            ),
+            TaskPlan(
+                "dynamic",
+                {"interval": datetime.timedelta(seconds=1)},
+                ExecutionMode.AT_LEAST_ONCE,
+                FailureMode.NONE,
+                2,
+                0,
+                0,
+                False,
+            ),
+        ],
+        instances=0,
+        workers=[0.3],
+        steps=[30.340248923601493, 139.6597510763985],
+    )
+)
 def test_elision_changes_nothing_observable(plan: AppPlan) -> None:
     elided = run_on_fresh_loop(plan, elide=True)
     ticked = run_on_fresh_loop(plan, elide=False)
