@@ -18,7 +18,7 @@ from pyncette.task import Task
 from .backends import force_lease
 from .clock import to_seconds, to_utc
 from .journal import Outcome, Settlement
-from .loop import detached_task
+from .loop import detached_call_at, detached_task
 from .tracking import held
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ class Faults:
                 self._crash_plans.remove(plan)
                 target = self._simulation.worker(name)
                 loop = self._simulation.clock.loop
-                loop.call_at(loop.time() + delay, target._crash_now, f"crash during {task.canonical_name}")
+                detached_call_at(loop, loop.time() + delay, target._crash_now, f"crash during {task.canonical_name}")
 
     # -- repository faults --------------------------------------------------------------------------
 
@@ -243,10 +243,16 @@ class Faults:
         scope = f" worker={name}" if name else ""
         # Timers at both ends: the events land at their instants, and idle ticks inside the
         # window are never elided (a failing tick does not update last_tick).
-        loop.call_at(
-            start, self._journal, "outage started", name, None, f"for {datetime.timedelta(seconds=seconds)}{scope}"
+        detached_call_at(
+            loop,
+            start,
+            self._journal,
+            "outage started",
+            name,
+            None,
+            f"for {datetime.timedelta(seconds=seconds)}{scope}",
         )
-        loop.call_at(outage.end, self._journal, "outage ended", name, None, scope.strip())
+        detached_call_at(loop, outage.end, self._journal, "outage ended", name, None, scope.strip())
 
     # -- lease faults -------------------------------------------------------------------------------
 
@@ -426,7 +432,7 @@ class Faults:
                 f"cannot plan a fault in the past: {when.isoformat()} is before now ({self._simulation.now.isoformat()})"
             )
         loop = self._simulation.clock.loop
-        loop.call_at(self._loop_time(when), action)
+        detached_call_at(loop, self._loop_time(when), action)
 
     def _loop_time(self, when: datetime.datetime) -> float:
         clock = self._simulation.clock

@@ -116,6 +116,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._cancelled_timers = 0
         self._sequence = itertools.count()
         self._in_flight = 0
+        # in-flight work by the task group that started it: a frozen or crashed group's does not hold time
+        self._in_flight_by_group: dict[object, int] = {}
         self._busy_iterations = 0
         self._waiter: _IdleWaiter | None = None
         self._time_listeners: list[Callable[[float], None]] = []
@@ -304,21 +306,45 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self, executor: Any, func: Callable[..., Any], *args: Any
     ) -> asyncio.Future[Any]:
         future = super().run_in_executor(executor, func, *args)
-        self._in_flight += 1
-        future.add_done_callback(self._io_done)
+        group = self._start_in_flight()
+        # in an empty context: a frozen group's completion must still be counted when it comes
+        future.add_done_callback(lambda _: self._end_in_flight(group), context=contextvars.Context())
         return future
 
-    def _io_done(self, _: object = None) -> None:
+    def _start_in_flight(self) -> object | None:
+        self._in_flight += 1
+        group = TASK_GROUP.get()
+        if group is not None:
+            self._in_flight_by_group[group] = self._in_flight_by_group.get(group, 0) + 1
+        return group
+
+    def _end_in_flight(self, group: object | None) -> None:
         self._in_flight -= 1
+        if group is not None:
+            left = self._in_flight_by_group[group] - 1
+            if left:
+                self._in_flight_by_group[group] = left
+            else:
+                del self._in_flight_by_group[group]
+
+    def _holds_time(self) -> bool:
+        """Whether work in flight holds time still: work of a frozen or crashed worker does not (a
+        paused process's call completes whenever it does, and only its wake-up waits for the thaw)."""
+        if not self._in_flight:
+            return False
+        if not self._frozen:
+            return True
+        paused = sum(count for group, count in self._in_flight_by_group.items() if group in self._frozen)
+        return self._in_flight > paused
 
     @contextlib.contextmanager
     def _holding_time(self) -> Iterator[None]:
         """Virtual time does not move while the body runs (a call into another thread)."""
-        self._in_flight += 1
+        group = self._start_in_flight()
         try:
             yield
         finally:
-            self._in_flight -= 1
+            self._end_in_flight(group)
 
     # -- waiting for the loop to go idle ----------------------------------------------------------
 
@@ -391,10 +417,18 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         events = self._select(selector._real, 0 if ready or self._stopping else None, selector._registered)  # type: ignore[attr-defined]
         if events:
             self._process_events(events)  # type: ignore[attr-defined]
-        for _ in range(len(ready)):
-            handle = ready.popleft()
-            if not handle._cancelled:
-                handle._run()
+        while True:
+            for _ in range(len(ready)):
+                handle = ready.popleft()
+                if not handle._cancelled:
+                    handle._run()
+            # With no socket to poll between batches (timers fire only when idle), the next batch
+            # runs here, in the same order asyncio would run it, minus an iteration's overhead.
+            if not ready or self._stopping or selector._registered > 1:  # type: ignore[attr-defined]
+                return
+            self._busy_iterations += 1
+            if self._busy_iterations >= _BUSY_ITERATIONS_BEFORE_TIME_PASSES:
+                return  # _select lets a timer fire for code that spins
 
     def _select(
         self, real: selectors.BaseSelector, timeout: float | None, registered: int
@@ -402,7 +436,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         if timeout == 0:
             # Ready work exists. Time only passes for code that spins without ever going idle.
             self._busy_iterations += 1
-            if self._busy_iterations >= _BUSY_ITERATIONS_BEFORE_TIME_PASSES and not self._in_flight:
+            if self._busy_iterations >= _BUSY_ITERATIONS_BEFORE_TIME_PASSES and not self._holds_time():
                 self._busy_iterations = 0
                 self._fire_next_timer(self._waiter.horizon if self._waiter is not None else math.inf)
             # With no file descriptor but the loop's own wake-up pipe, the poll can wait until the
@@ -415,7 +449,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         events = real.select(0)  # sockets are polled before any jump
         if events:
             return events
-        if self._in_flight:
+        if self._in_flight and self._holds_time():
             events = real.select(self.io_timeout)
             if events:
                 return events
@@ -472,6 +506,14 @@ def detached_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T])
     """A task in an empty context: it belongs to no worker's group, so it never freezes with one
     (and the connections it opens do not either)."""
     return contextvars.Context().run(loop.create_task, coro)
+
+
+def detached_call_at(
+    loop: VirtualTimeLoop, when: float, callback: Callable[..., object], *args: Any
+) -> asyncio.TimerHandle:
+    """A timer in an empty context, for what the simulation itself does (a fault, a thaw): it
+    fires on time even when planned from inside a worker that is frozen meanwhile."""
+    return loop.call_at(when, callback, *args, context=contextvars.Context())
 
 
 def _frames(coro: Any) -> tuple[list[str], Any]:

@@ -12,7 +12,7 @@ from pyncette.pyncette import PyncetteContext
 
 from .clock import to_seconds
 from .journal import Outcome, Settlement
-from .loop import TASK_GROUP
+from .loop import TASK_GROUP, detached_call_at
 
 if TYPE_CHECKING:
     from .simulation import Simulation
@@ -152,7 +152,7 @@ class Worker:
                 loop._thaw(group)
                 simulation._event("worker thawed", self.name)
 
-        loop.call_at(loop.time() + seconds, thaw)
+        detached_call_at(loop, loop.time() + seconds, thaw)
 
     async def _create(self) -> None:
         if self._shut_down_before_start:

@@ -99,10 +99,8 @@ def app_plans(draw: st.DrawFn, max_ticks: int = 400) -> AppPlan:
     )
 
 
-# Crashes of worker #n (modulo the workers there are), outages (duration, from how far ahead),
-# failed and slow repository calls, restarts: what a fault plan does to elision. Not freezes yet:
-# a worker frozen while its backend call is in flight holds virtual time still until io_timeout
-# (tracked I/O is not per worker), with or without elision; see the open issue.
+# Crashes and freezes of worker #n (modulo the workers there are), outages (duration, from how
+# far ahead), failed and slow repository calls, restarts: what a fault plan does to elision.
 FAULTS = st.one_of(
     st.tuples(st.just("crash"), st.integers(0, 2), st.sampled_from([0.0, 0.5, 3.0, 61.0])),
     st.tuples(st.just("outage"), st.sampled_from([1.0, 30.0, 200.0]), st.sampled_from([0.0, 2.5, 45.0])),
@@ -111,13 +109,14 @@ FAULTS = st.one_of(
     ),
     st.tuples(st.just("delay"), st.sampled_from(["commit_task", "poll_task"]), st.sampled_from([0.5, 5.0])),
     st.tuples(st.just("restart"), st.integers(0, 2), st.just(0)),
+    st.tuples(st.just("freeze"), st.integers(0, 2), st.sampled_from([0.5, 4.0, 90.0])),
 )
 
 
 async def apply_fault(sim: Simulation, fault: tuple[Any, ...]) -> str:
     """Plan one fault; what refused it (the same with and without elision), else ``"ok"``."""
     kind, first, second = fault
-    worker = sim.workers[first % len(sim.workers)] if kind in ("crash", "restart") else None
+    worker = sim.workers[first % len(sim.workers)] if kind in ("crash", "restart", "freeze") else None
     try:
         if kind == "crash":
             sim.faults.crash(worker, at=sim.now + datetime.timedelta(seconds=second))
@@ -127,6 +126,8 @@ async def apply_fault(sim: Simulation, fault: tuple[Any, ...]) -> str:
             sim.faults.fail(first, times=second)
         elif kind == "delay":
             sim.faults.delay(first, second, times=2)
+        elif kind == "freeze":
+            worker.freeze(second)
         else:
             await worker.restart()
     except (RuntimeError, ValueError) as refused:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pyncette import Context, ExecutionMode, FailureMode, Pyncette
 
-from pyncette_testing import Outcome, Settlement, Simulation, VirtualTimeLoop
+from pyncette_testing import Outcome, Settlement, Simulation, VirtualTimeLoop, track_io
 
 from .conftest import run_inner
 
@@ -149,6 +149,39 @@ async def test_freeze_pauses_one_worker_while_the_other_goes_on(pyncette_app: Si
         "worker frozen",
         "worker thawed",
     ]
+
+
+async def test_a_worker_frozen_with_a_call_in_another_thread_does_not_hold_time(pyncette_app: Simulation) -> None:
+    loop = pyncette_app.clock.loop
+    loop.io_timeout = 1.0  # a regression fails fast: time held for the frozen call would stall
+    frozen_at: list[float] = []
+
+    @track_io
+    async def in_a_thread() -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, int, "7")
+
+    @pyncette_app.task(interval=seconds(10))
+    async def tick(context: Context) -> None:
+        if not frozen_at:  # the first run, on w1 (asserted below)
+            frozen_at.append(loop.time())
+            pyncette_app.worker("w1").freeze(seconds(30))
+        assert await in_a_thread() == 7
+
+    @pyncette_app.task(interval=seconds(5), lease_duration=seconds(2))  # w1 holds its run at 10 briefly
+    async def other(context: Context) -> None:
+        assert await in_a_thread() == 7
+
+    await pyncette_app.advance(seconds=0.5)
+    await pyncette_app.add_worker("w2")
+    await pyncette_app.advance(seconds=60)
+
+    first = pyncette_app.executions(tick)[0]
+    assert (first.worker, first.started_at, first.finished_at) == ("w1", at(10), at(40))
+    during = [r for r in pyncette_app.executions() if at(10) < r.started_at < at(40)]
+    assert len(during) >= 5  # other, every 5 s
+    assert {r.worker for r in during} == {"w2"}  # the other worker went on
+    assert all(r.outcome is Outcome.SUCCEEDED for r in pyncette_app.executions())
+    assert loop._in_flight == 0
 
 
 async def test_clock_skew_makes_a_worker_see_tasks_due_early(pyncette_app: Simulation) -> None:

@@ -102,6 +102,22 @@ def test_spinning_code_lets_time_pass_instead_of_hanging(loop: VirtualTimeLoop) 
     assert loop.run_until_complete(main()) == 1
 
 
+def test_the_loop_stops_after_the_batch_that_stopped_it(loop: VirtualTimeLoop) -> None:
+    ran: list[str] = []
+
+    def first() -> None:
+        ran.append("first")
+        loop.call_soon(ran.append, "later")  # the next batch: after the stop, as on asyncio's own loop
+        loop.stop()
+
+    loop.call_soon(first)
+    loop.call_soon(ran.append, "same batch")
+    loop.run_forever()
+    assert ran == ["first", "same batch"]
+    loop.run_until_complete(asyncio.sleep(0))
+    assert ran == ["first", "same batch", "later"]
+
+
 def test_executor_work_holds_time_still(loop: VirtualTimeLoop) -> None:
     release = threading.Event()
     fired: list[float] = []
