@@ -25,7 +25,8 @@ from pyncette_testing import Simulation, VirtualTimeLoop, simulate
 UTC = datetime.timezone.utc
 START = datetime.datetime(2024, 3, 30, 22, tzinfo=UTC)  # the spring DST change is 3 hours later
 EXAMPLES = int(os.environ.get("PYNCETTE_ELISION_EXAMPLES", "25"))
-# Without elision a real backend pays a round trip per tick: fewer examples there.
+# A real backend pays a round trip per call (and, with elision, a read of the due times after each
+# write): fewer and smaller apps there.
 REAL_BACKEND_EXAMPLES = int(os.environ.get("PYNCETTE_ELISION_BACKEND_EXAMPLES", "8"))
 
 
@@ -82,9 +83,9 @@ def task_plans(draw: st.DrawFn, poll: float) -> TaskPlan:
 
 
 @st.composite
-def app_plans(draw: st.DrawFn, max_ticks: int = 400) -> AppPlan:
+def app_plans(draw: st.DrawFn, max_ticks: int = 400, max_tasks: int = 4, max_instances: int = 3) -> AppPlan:
     poll = draw(st.sampled_from([0.5, 1, 2.5, 10, 60]))
-    tasks = draw(st.lists(task_plans(poll), min_size=1, max_size=4))
+    tasks = draw(st.lists(task_plans(poll), min_size=1, max_size=max_tasks))
     # bounded in ticks, so that the run without elision stays quick
     total = poll * draw(st.integers(min_value=5, max_value=max_ticks))
     cuts = sorted(draw(st.lists(st.floats(min_value=0, max_value=total), max_size=3)))
@@ -92,7 +93,7 @@ def app_plans(draw: st.DrawFn, max_ticks: int = 400) -> AppPlan:
     return AppPlan(
         poll_interval=poll,
         tasks=tasks,
-        instances=draw(st.integers(min_value=0, max_value=3)),
+        instances=draw(st.integers(min_value=0, max_value=max_instances)),
         workers=draw(st.lists(st.sampled_from([0.0, 0.3, poll / 2, 7.0]), max_size=2)),
         steps=steps,
         faults=draw(st.lists(st.tuples(st.integers(0, len(steps) - 1), FAULTS), max_size=2)),
@@ -286,7 +287,7 @@ def test_elision_changes_nothing_observable(plan: AppPlan) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
-@given(plan=app_plans(max_ticks=60))
+@given(plan=app_plans(max_ticks=60, max_tasks=3, max_instances=2))
 def test_elision_changes_nothing_observable_on_real_backends(pyncette_backend: str, plan: AppPlan) -> None:
     # There the due times are read from the backend itself after each write. Postgres hands out
     # equally due instances in no defined order, so journals are compared as sets per instant.
