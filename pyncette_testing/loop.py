@@ -449,7 +449,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         events = real.select(0)  # sockets are polled before any jump
         if events:
             return events
-        if self._in_flight and self._holds_time():
+        if self._holds_time():
             events = real.select(self.io_timeout)
             if events:
                 return events
