@@ -118,6 +118,7 @@ class VirtualClock:
         self._freezegun: Any = None
         self._freezegun_original: datetime.datetime | None = None
         self._wall_us = 0
+        self._pyncette_now: datetime.datetime | None = None  # Pyncette's "now" at this instant, once read
 
     def __repr__(self) -> str:
         state = "active" if self._active else ("stopped" if self._stopped else "not started")
@@ -230,6 +231,7 @@ class VirtualClock:
             raise RuntimeError("cannot start a VirtualClock on a closed loop")
         self._origin = loop.time()
         self._wall_us = 0
+        self._pyncette_now = None
         self._freezegun = _active_freezegun_factory()
         if self._freezegun is not None:
             self._freezegun_original = self._freezegun()
@@ -270,6 +272,7 @@ class VirtualClock:
             )
         self._start = start
         self._wall_us = 0
+        self._pyncette_now = None
         if self._traveller is not None:
             self._traveller.move_to(start)
         elif self._freezegun is not None:
@@ -282,6 +285,7 @@ class VirtualClock:
         elif self._freezegun is not None:
             self._freezegun.move_to((self._start + datetime.timedelta(microseconds=wall_us)).replace(tzinfo=None))
         self._wall_us = wall_us
+        self._pyncette_now = None
 
     def _check_active(self) -> None:
         if not self._active:

@@ -43,6 +43,7 @@ __all__ = ["BackendDueTimes", "TickElision"]
 
 _RUN_CODE = PyncetteContext.run.__code__
 _REPLAY_LIMIT = 2_000
+_MAX_READ_WAIT = 63  # idle moments: a busy app on a real backend reads its due times every 64th
 _READS = frozenset({"get_task_state", "list_task_states"})
 
 
@@ -137,6 +138,8 @@ class TickElision:
                 skipped = self._idle_ticks(state, handle._when, horizon, bound)  # type: ignore[attr-defined]
                 if skipped:
                     skips[id(handle)] = skipped
+        for owner in loop._elisions:
+            owner._due_times.used(bool(skips))
         if not skips:
             return
         states = [entry[1] for entry in loop._tick_timers.values() if entry[1] is not None]
@@ -239,6 +242,9 @@ class _DueTimes(Protocol):
         find work; ``inf`` if none ever can, ``None`` if the next tick must run (a static task not
         yet stored)."""
 
+    def used(self, skipped: bool) -> None:
+        """An idle moment read the due times, and skipped ticks or not."""
+
 
 class _StoreDueTimes:
     """Due times read straight from the in-memory store's indexes."""
@@ -248,6 +254,9 @@ class _StoreDueTimes:
 
     def current(self, loop: VirtualTimeLoop) -> bool:
         return True
+
+    def used(self, skipped: bool) -> None:
+        pass
 
     def next_due(self, tasks: Iterable[tuple[str, bool]]) -> float | None:
         store = self._store
@@ -272,6 +281,11 @@ class BackendDueTimes:
     The simulation calls :meth:`after` after every repository call, which notes whether it may have
     changed the store. The next idle moment then starts a read of every task's state (with time held still) and
     skips nothing until it is done; the idle moment after that uses what it read.
+
+    On an app that writes between every two idle moments, a read would cost a round trip per tick
+    and never let a tick be skipped. So each read that did not lead to a skip makes the next one
+    wait for twice as many idle moments (up to 64; skipping nothing meanwhile, which is always
+    safe), and a skip starts over.
     """
 
     def __init__(
@@ -285,6 +299,8 @@ class BackendDueTimes:
         self._reading: asyncio.Task[None] | None = None
         self._due: dict[str, float | None] = {}
         self._failed: Exception | None = None
+        self._fruitless = 0  # reads since the last one that let ticks be skipped
+        self._wait = 0  # idle moments to let pass before the next read
 
     def after(self, operation: str, task: Task | None, result: Any) -> None:
         """Note a repository call (``result`` is None if it raised): re-read unless it cannot have written."""
@@ -305,6 +321,11 @@ class BackendDueTimes:
         if not self._stale:
             return True
         if self._reading is None and self._failed is None:
+            if self._wait:
+                self._wait -= 1
+                return False
+            self._wait = min(2**self._fruitless - 1, _MAX_READ_WAIT)
+            self._fruitless = min(self._fruitless + 1, _MAX_READ_WAIT.bit_length())
             tasks = {
                 task.canonical_name: task
                 for state in loop._tick_tasks.values()
@@ -313,6 +334,10 @@ class BackendDueTimes:
             }
             self._reading = detached_task(loop, self._read(loop, list(tasks.values())))
         return False
+
+    def used(self, skipped: bool) -> None:
+        if skipped:
+            self._fruitless = self._wait = 0
 
     def next_due(self, tasks: Iterable[tuple[str, bool]]) -> float | None:
         earliest = math.inf

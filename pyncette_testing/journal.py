@@ -148,7 +148,7 @@ class _Entry:
         self.settlement = Settlement.NONE
         self.error: BaseException | None = None
         self.args = args
-        self.lease: object = None  # what identifies the lease it runs under (AT_LEAST_ONCE)
+        self.lease: object = None  # the key of the lease it runs under (AT_LEAST_ONCE); "settled" after
         self.lease_duration: float | None = None
         self.group = group  # the worker incarnation that runs it
 

@@ -1,6 +1,6 @@
 """What stands in for standard modules inside Pyncette's own modules while a virtual clock is active.
 
-Two names are swapped, in Pyncette's module namespaces only (user code and other libraries see the
+Three names are swapped, in Pyncette's module namespaces only (user code and other libraries see the
 real modules), and put back when the last active clock stops:
 
 - ``time`` in ``pyncette.pyncette``: its ``perf_counter`` times ticks, and follows loop time on a
@@ -8,7 +8,10 @@ real modules), and put back when the last active clock stops:
 - ``dateutil`` in ``pyncette.task``: ``Task`` validation calls ``dateutil.tz.gettz(None)`` for every
   task without a timezone (every dynamic instance Pyncette rebuilds from its spec, on every poll),
   and that call re-reads the local zone file each time. Pyncette only checks the answer against
-  ``None``, which it never is (dateutil falls back to ``tzlocal()``), so the first answer is reused.
+  ``None``, which it never is (dateutil falls back to ``tzlocal()``), so the first answer is reused;
+- ``_current_time`` in ``pyncette.pyncette`` (its ``datetime.now(tz=UTC)``, read on every tick and
+  every commit, and by its healthcheck): on a loop with an active clock, the wall clock is read once
+  per instant of virtual time, and that same value is returned until time moves.
 """
 
 from __future__ import annotations
@@ -45,6 +48,21 @@ class _LoopPerfCounter:
         return _time.perf_counter()
 
 
+def _current_time() -> Any:
+    """``pyncette.pyncette._current_time``: read once per instant of virtual time on a clock's loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return _real_current_time()
+    clock = loop._clock if isinstance(loop, VirtualTimeLoop) else None
+    if clock is None:
+        return _real_current_time()
+    now = clock._pyncette_now
+    if now is None:
+        now = clock._pyncette_now = _real_current_time()
+    return now
+
+
 class _LocalZoneOnce:
     """``dateutil.tz`` inside ``pyncette.task``: ``gettz(None)`` is looked up once."""
 
@@ -74,11 +92,12 @@ class _DateutilForTask:
 
 _lock = threading.Lock()
 _users = 0
+_real_current_time: Any = None
 
 
 def patch_pyncette() -> None:
     """Install the stand-ins (counted: nested and parallel clocks share them)."""
-    global _users
+    global _users, _real_current_time
     import pyncette.pyncette
     import pyncette.task
 
@@ -86,6 +105,8 @@ def patch_pyncette() -> None:
         if _users == 0:
             pyncette.pyncette.time = _LoopPerfCounter()  # type: ignore[attr-defined,assignment]
             pyncette.task.dateutil = _DateutilForTask()  # type: ignore[assignment,attr-defined]
+            _real_current_time = pyncette.pyncette._current_time
+            pyncette.pyncette._current_time = _current_time
         _users += 1
 
 
@@ -100,3 +121,4 @@ def unpatch_pyncette() -> None:
         if _users == 0:
             pyncette.pyncette.time = _time  # type: ignore[attr-defined]
             pyncette.task.dateutil = dateutil  # type: ignore[attr-defined]
+            pyncette.pyncette._current_time = _real_current_time

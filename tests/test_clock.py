@@ -41,11 +41,13 @@ def test_now_elapsed_and_the_wall_clock_follow_loop_time(loop: VirtualTimeLoop) 
 def test_everything_is_restored_when_the_clock_stops(loop: VirtualTimeLoop) -> None:
     real_time_module = pyncette.pyncette.time
     real_dateutil = pyncette.task.dateutil
+    real_current_time = pyncette.pyncette._current_time
     seen: list[object] = []
 
     def failing_test() -> None:
         with VirtualClock(START, loop=loop):
             seen.extend([datetime.datetime.now(UTC), pyncette.pyncette.time, pyncette.task.dateutil])
+            seen.append(pyncette.pyncette._current_time)
             raise ZeroDivisionError
 
     with pytest.raises(ZeroDivisionError):
@@ -57,6 +59,26 @@ def test_everything_is_restored_when_the_clock_stops(loop: VirtualTimeLoop) -> N
     assert abs(time.time() - datetime.datetime.now(UTC).timestamp()) < 5
     assert pyncette.pyncette.time is real_time_module
     assert pyncette.task.dateutil is real_dateutil
+    assert seen[3] is not real_current_time
+    assert pyncette.pyncette._current_time is real_current_time
+
+
+def test_pyncettes_now_is_the_wall_clock_read_once_per_instant(loop: VirtualTimeLoop) -> None:
+    async def main(clock: VirtualClock) -> None:
+        first = pyncette.pyncette._current_time()
+        assert first == datetime.datetime.now(UTC) == START
+        assert first.tzinfo is dateutil.tz.UTC  # what Pyncette's own returns
+        assert pyncette.pyncette._current_time() is first  # the same instant: read once
+        await asyncio.sleep(0.25)
+        assert (
+            pyncette.pyncette._current_time() == datetime.datetime.now(UTC) == START + datetime.timedelta(seconds=0.25)
+        )
+        clock.jump(datetime.timedelta(minutes=3))
+        assert pyncette.pyncette._current_time() == datetime.datetime.now(UTC) == clock.now()
+
+    with VirtualClock(START, loop=loop) as clock:
+        loop.run_until_complete(main(clock))
+        assert pyncette.pyncette._current_time() == START + datetime.timedelta(minutes=3, seconds=0.25)
 
 
 def test_task_validation_reads_the_local_zone_once_and_still_rejects_bad_zones(

@@ -362,3 +362,50 @@ def test_ticks_while_a_body_sleeps_are_skipped_too() -> None:
     assert len(results[True][0]) == 6
     # 6 h of 1 s ticks; only those around each start, end and step are left to run
     assert results[True][2] > 6 * 3600 - 6 * 20
+
+
+def test_a_busy_app_on_a_real_backend_reads_its_due_times_rarely_and_still_skips_once_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every tick of a 1 s task writes, so due times read after each write are stale by the next
+    # idle moment: reads back off while they skip nothing, and the first skip starts over.
+    from pyncette_testing import elision
+
+    reads = 0
+    static_due = elision._static_due
+
+    async def counted(*args: Any) -> float | None:
+        nonlocal reads
+        reads += 1
+        return await static_due(*args)
+
+    monkeypatch.setattr(elision, "_static_due", counted)
+    app = Pyncette()
+
+    @app.dynamic_task(interval=datetime.timedelta(seconds=1))
+    async def busy(context: Context) -> None:
+        pass
+
+    @app.task(schedule="0 * * * *")
+    async def hourly(context: Context) -> None:
+        pass
+
+    async def main() -> tuple[int, int, int, int]:
+        async with Simulation(app, start=START, backend="sqlite") as sim:
+            assert sim._elision is not None
+            await sim.schedule_task(busy, "only")
+            await sim.advance(600)
+            busy_reads, busy_elided = reads, sim._elision.elided_ticks
+            await sim.unschedule_task(busy, "only")
+            await sim.advance(hours=2)
+            return busy_reads, busy_elided, sim._elision.elided_ticks, len(sim.executions(hourly))
+
+    loop = VirtualTimeLoop()
+    try:
+        busy_reads, busy_elided, elided, hourly_runs = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert busy_elided == 0  # nothing to skip while the 1 s task runs
+    assert busy_reads <= 20  # 600 idle moments: reads at the 1st, 2nd, 4th, ... then every 64th
+    assert hourly_runs == 2
+    assert elided > 2 * 3600 - 200  # once idle, at most 64 ticks run before skipping resumes
