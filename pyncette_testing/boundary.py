@@ -171,7 +171,7 @@ class _SimulationRepository(_RepositoryProxy):
         entry = self._simulation._by_lease.pop(_lease_key(lease), None)
         if entry is None:  # not an execution's lease: nothing to journal
             return await getattr(self._inner, operation)(utc_now, task, lease)  # type: ignore[no-any-return]
-        name = task.canonical_name
+        name = entry.task  # the canonical name, as the journal took it when the run started
         holds = self._holds_lease_in_memory(name, lease)
         try:
             await getattr(self._inner, operation)(utc_now, task, lease)
