@@ -311,6 +311,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         future.add_done_callback(lambda _: self._end_in_flight(group), context=contextvars.Context())
         return future
 
+    async def shutdown_default_executor(self, *args: Any, **kwargs: Any) -> None:
+        # It joins the executor's threads from a thread of its own, with a timeout timer (3.12+)
+        # that virtual time would otherwise reach at once.
+        with self._holding_time():
+            await super().shutdown_default_executor(*args, **kwargs)
+
     def _start_in_flight(self) -> object | None:
         self._in_flight += 1
         group = TASK_GROUP.get()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import socket
 import threading
 import time
@@ -138,6 +139,15 @@ def test_executor_work_holds_time_still(loop: VirtualTimeLoop) -> None:
 
     assert loop.run_until_complete(main()) == 42.0
     loop.run_until_complete(loop.shutdown_default_executor())
+
+
+@pytest.mark.filterwarnings("error")
+def test_shutting_down_the_default_executor_waits_for_its_threads(loop: VirtualTimeLoop) -> None:
+    assert loop.run_until_complete(loop.run_in_executor(None, int, "3")) == 3
+    # asyncio.Runner passes a 300 s timeout (3.12+): virtual time must not reach it while threads join
+    timeout = (300,) if "timeout" in inspect.signature(loop.shutdown_default_executor).parameters else ()
+    loop.run_until_complete(loop.shutdown_default_executor(*timeout))
+    assert loop.time() == 0
 
 
 def test_track_io_holds_time_for_a_coroutine_function(loop: VirtualTimeLoop) -> None:
