@@ -43,7 +43,7 @@ __all__ = ["BackendDueTimes", "TickElision"]
 
 _RUN_CODE = PyncetteContext.run.__code__
 _REPLAY_LIMIT = 2_000
-_MAX_READ_WAIT = 63  # idle moments: a busy app on a real backend reads its due times every 64th
+_MAX_READ_BACKOFF = 6  # a busy app on a real backend reads its due times every 2**6 = 64th idle moment
 _READS = frozenset({"get_task_state", "list_task_states"})
 
 
@@ -324,8 +324,8 @@ class BackendDueTimes:
             if self._wait:
                 self._wait -= 1
                 return False
-            self._wait = min(2**self._fruitless - 1, _MAX_READ_WAIT)
-            self._fruitless = min(self._fruitless + 1, _MAX_READ_WAIT.bit_length())
+            self._wait = 2**self._fruitless - 1
+            self._fruitless = min(self._fruitless + 1, _MAX_READ_BACKOFF)
             tasks = {
                 task.canonical_name: task
                 for state in loop._tick_tasks.values()

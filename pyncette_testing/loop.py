@@ -103,8 +103,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     """
 
     def __init__(self, *, stall_timeout: float = 1.0, io_timeout: float = 60.0) -> None:
-        self._virtual_selector = _VirtualSelector(selectors.DefaultSelector(), self)
-        super().__init__(selector=self._virtual_selector)
+        super().__init__(selector=_VirtualSelector(selectors.DefaultSelector(), self))
         for name, value in (("stall_timeout", stall_timeout), ("io_timeout", io_timeout)):
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 self.close()
@@ -419,7 +418,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             super()._run_once()  # type: ignore[misc]
             return
         ready: collections.deque[asyncio.Handle] = self._ready  # type: ignore[attr-defined]
-        selector = self._virtual_selector
+        selector: _VirtualSelector = self._selector  # type: ignore[attr-defined]
         events = self._select(selector._real, 0 if ready or self._stopping else None, selector._registered)  # type: ignore[attr-defined]
         if events:
             self._process_events(events)  # type: ignore[attr-defined]

@@ -29,6 +29,15 @@ from .loop import VirtualTimeLoop
 __all__: list[str] = []
 
 
+def _virtual_loop() -> VirtualTimeLoop | None:
+    """The running loop if it is a ``VirtualTimeLoop``."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return loop if isinstance(loop, VirtualTimeLoop) else None
+
+
 class _LoopPerfCounter:
     """``time`` inside ``pyncette.pyncette``: ``perf_counter`` follows loop time on a
     ``VirtualTimeLoop`` and real time everywhere else."""
@@ -38,23 +47,17 @@ class _LoopPerfCounter:
 
     @staticmethod
     def perf_counter() -> float:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = _virtual_loop()
+        if loop is None:
             return _time.perf_counter()
-        if isinstance(loop, VirtualTimeLoop):
-            loop._on_perf_counter()
-            return loop.time()
-        return _time.perf_counter()
+        loop._on_perf_counter()
+        return loop.time()
 
 
 def _current_time() -> Any:
     """``pyncette.pyncette._current_time``: read once per instant of virtual time on a clock's loop."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return _real_current_time()
-    clock = loop._clock if isinstance(loop, VirtualTimeLoop) else None
+    loop = _virtual_loop()
+    clock = loop._clock if loop is not None else None
     if clock is None:
         return _real_current_time()
     now = clock._pyncette_now

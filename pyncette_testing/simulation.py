@@ -785,21 +785,23 @@ class Simulation:
     async def get_task(self, task: Task, instance_name: str | None = None) -> TaskState | None:
         """The stored state of a task or instance (``PyncetteContext.get_task``), read straight from
         the store: it needs no running worker and no planned fault applies to it."""
-        self._check_task(task, "get_task")
-        self._check_usable()
-        # Pyncette's own get_task, on the simulation's repository instead of a worker's.
-        reader = types.SimpleNamespace(_repository=await self._admin())
-        return await PyncetteContext.get_task(reader, task, instance_name)  # type: ignore[arg-type]
+        reader = await self._store_reader(task, "get_task")
+        return await PyncetteContext.get_task(reader, task, instance_name)
 
     async def list_tasks(
         self, task: Task, limit: int | None = None, continuation_token: Any = None
     ) -> ListTasksResponse:
         """A page of a dynamic task's instances (``PyncetteContext.list_tasks``), read straight from
         the store like :meth:`get_task`: it needs no running worker and no planned fault applies to it."""
-        self._check_task(task, "list_tasks")
+        reader = await self._store_reader(task, "list_tasks")
+        return await PyncetteContext.list_tasks(reader, task, limit, continuation_token)
+
+    async def _store_reader(self, task: Any, method: str) -> Any:
+        """What Pyncette's own context methods need to run on the simulation's repository instead
+        of a worker's."""
+        self._check_task(task, method)
         self._check_usable()
-        reader = types.SimpleNamespace(_repository=await self._admin())
-        return await PyncetteContext.list_tasks(reader, task, limit, continuation_token)  # type: ignore[arg-type]
+        return types.SimpleNamespace(_repository=await self._admin())
 
     def _check_task(self, task: Any, method: str) -> None:
         if not isinstance(task, Task):
