@@ -29,7 +29,7 @@ from pyncette.task import Task
 
 from .clock import VirtualClock
 from .journal import Journal, Outcome, Settlement, _Entry
-from .loop import TASK_GROUP, detached_task
+from .loop import TASK_GROUP
 from .repository import _RepositoryProxy
 
 if TYPE_CHECKING:
@@ -81,8 +81,7 @@ class _SimulationRepository(_RepositoryProxy):
                 holds = entry is not None and self._holds_lease_in_memory(task.canonical_name, lease)
                 result = await getattr(self._inner, operation)(*args)
             else:
-                call = self._call_backend(operation, args, entry is not None, lease)
-                holds, result = await detached_task(asyncio.get_running_loop(), call)
+                holds, result = await self._call_backend(operation, args, entry is not None, lease)
         except Exception:
             if entry is not None:
                 entry.settlement = Settlement.COMMIT_FAILED
@@ -205,20 +204,17 @@ class _SimulationRepository(_RepositoryProxy):
     async def _call_backend(
         self, operation: str, args: tuple[Any, ...], settles: bool, lease: object
     ) -> tuple[bool, Any]:
-        """One backend call at a time, in the order they were made: each is atomic, as on the
-        in-memory store, and a run does not depend on how the server interleaves them. It runs
-        outside the worker's task group: a call the server has received completes, and lets the
-        next one through, even if the worker freezes or crashes meanwhile."""
-        simulation, task = self._simulation, args[1]
-        due_times, result = simulation._due_times, None
-        async with simulation._backend_lock:
-            try:
-                with self._own_task_state(task):
-                    holds = settles and await self._holds_lease(args[0], task, lease)
-                    result = await getattr(self._inner, operation)(*args)
-            finally:
-                if due_times is not None:
-                    due_times.after(operation, task, result)
+        """A call to a real backend: ``_inner`` runs it on the backend's own loop while the
+        virtual loop waits, so it is atomic in virtual time, as on the in-memory store, and a run
+        never depends on how fast the server answers (see ``backend_loop``)."""
+        task, due_times, result = args[1], self._simulation._due_times, None
+        try:
+            with self._own_task_state(task):
+                holds = settles and await self._holds_lease(args[0], task, lease)
+                result = await getattr(self._inner, operation)(*args)
+        finally:
+            if due_times is not None:
+                due_times.after(operation, task, result)
         return holds, result
 
     def _holds_lease_in_memory(self, name: str, key: object) -> bool:

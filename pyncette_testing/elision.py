@@ -26,7 +26,7 @@ import datetime
 import heapq
 import math
 import types
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import dateutil.tz
@@ -290,7 +290,7 @@ class BackendDueTimes:
 
     def __init__(
         self,
-        repository: Callable[[], Awaitable[Repository]],
+        repository: Callable[[], Repository],
         now: Callable[[], datetime.datetime],
     ) -> None:
         self._repository = repository
@@ -351,7 +351,7 @@ class BackendDueTimes:
     async def _read(self, loop: VirtualTimeLoop, tasks: list[Task]) -> None:
         try:
             self._stale = False  # a write from here on makes the next idle moment read again
-            repository = await self._repository()
+            repository = self._repository()
             now = self._now()
             due: dict[str, float | None] = {}
             for task in tasks:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from pyncette.task import Task
 
+from .backend_loop import BackendRepository
 from .backends import force_lease
 from .clock import to_seconds, to_utc
 from .journal import Outcome, Settlement
-from .loop import detached_call_at, detached_task
-from .tracking import held
+from .loop import detached_call_at
 
 if TYPE_CHECKING:
     from .simulation import Simulation, Worker
@@ -401,7 +401,7 @@ class Faults:
         raise ValueError(_NO_LEASE.format(name=name))
 
     def _write_lease(self, name: str, locked_until: datetime.datetime, locked_by: str | None) -> None:
-        """Write the lease on a real backend before any later repository call (time held still)."""
+        """Write the lease on a real backend now, before any later repository call."""
         simulation = self._simulation
         backend = simulation._isolated.name if simulation._isolated is not None else None
         if backend not in ("sqlite", "redis", "postgres"):
@@ -410,15 +410,11 @@ class Faults:
                 "not on a custom repository factory"
             )
 
-        async def write() -> None:
-            async with simulation._backend_lock:
-                await held(
-                    force_lease(await simulation._admin(), name, locked_until, locked_by, new_holder=bool(locked_by))
-                )
-            if simulation._due_times is not None:
-                simulation._due_times.after("lease fault", None, None)
-
-        simulation._background.append(detached_task(simulation.clock.loop, write()))
+        admin = simulation._admin()
+        assert isinstance(admin, BackendRepository), "a real backend's repository runs on its own loop"
+        admin.backend.run(force_lease(admin.inner, name, locked_until, locked_by, new_holder=bool(locked_by)))
+        if simulation._due_times is not None:
+            simulation._due_times.after("lease fault", None, None)
 
     def _lease_duration(self, name: str) -> float:
         for entry in reversed(self._simulation._journal.entries):

@@ -99,7 +99,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     ``stall_timeout`` is the real-time grace (seconds) the loop waits for an I/O event when nothing
     else can happen, before raising :class:`SimulationStalled`. ``io_timeout`` bounds how long
-    (real seconds) it holds time still for work in flight in another thread.
+    (real seconds) it holds time still for work in flight in another thread, and how long a
+    simulation waits for a call to a real backend.
     """
 
     def __init__(self, *, stall_timeout: float = 1.0, io_timeout: float = 60.0) -> None:
@@ -118,6 +119,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         # in-flight work by the task group that started it: a frozen or crashed group's does not hold time
         self._in_flight_by_group: dict[object, int] = {}
         self._busy_iterations = 0
+        self._aborting: BaseException | None = None  # raised by the next iteration (see _abort)
         self._waiter: _IdleWaiter | None = None
         self._time_listeners: list[Callable[[float], None]] = []
         self._clock: Any = None  # the VirtualClock active on this loop, set by the clock itself
@@ -129,6 +131,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._tick_timers: dict[int, tuple[asyncio.TimerHandle, Any]] = {}
         self._idle_hook: Callable[[VirtualTimeLoop], None] | None = None
         self._elisions: list[Any] = []  # the simulations' TickElisions; the first is the idle hook
+        self._closing_with: list[Callable[[], None]] = []  # simulations' backend loops still open
         # Frozen task groups: their callbacks are held (a paused process) until thawed, if ever.
         self._frozen: dict[object, list[asyncio.Handle]] = {}
         self._group_tasks: dict[object, list[asyncio.Task[Any]]] = {}
@@ -414,6 +417,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         # asyncio's own iteration, minus what never applies here: its timer heap stays empty (our
         # timers fire from _select) and the time is read only when a timer fires. It runs several
         # times per execution of any task, so what it skips shows in every simulation.
+        if self._aborting is not None:
+            error, self._aborting = self._aborting, None
+            raise error
         if self._debug:  # type: ignore[attr-defined]
             super()._run_once()  # type: ignore[misc]
             return
@@ -480,6 +486,18 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     # -- describing what is waiting --------------------------------------------------------------
 
+    def _abort(self, error: BaseException) -> None:
+        """End the run with ``error``, which no code between the loop and where it happened may
+        swallow (Pyncette logs and goes on past any ``Exception`` in a tick): the pending
+        ``advance()`` (or ``run_until_idle()``, ``run_until()``) raises it, else the next iteration
+        raises it out of ``run_until_complete``."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.future.done():
+            self._waiter = None
+            waiter.future.set_exception(error)
+        else:
+            self._aborting = error
+
     def _describe_state(self) -> str:
         lines = [f"virtual time: {self._now:g} s"]
         tasks = sorted(asyncio.all_tasks(self), key=lambda task: task.get_name())
@@ -504,6 +522,11 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             self._tick_timers.clear()
             self._idle_hook = None
             self._elisions.clear()
+            # A run that ended abruptly (a stall) left its simulation's backend open. Its own error
+            # is what matters, so a failure to close the backend now is not raised over it.
+            while self._closing_with:
+                with contextlib.suppress(Exception):
+                    self._closing_with.pop()()
         super().close()
 
 

@@ -24,6 +24,7 @@ from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository, RepositoryFactory
 from pyncette.task import PartitionedTask, Task, _TaskPartition
 
+from .backend_loop import BackendLoop
 from .backends import IsolatedBackend, _check_name, isolated_backend
 from .boundary import _recording_middleware, _SimulationRepository
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
@@ -31,9 +32,10 @@ from .elision import BackendDueTimes, TickElision
 from .errors import SimulationStalled
 from .faults import Faults
 from .journal import Event, Execution, Journal, Outcome, _Entry, render_timeline
-from .loop import VirtualTimeLoop, describe_task, detached_task
-from .repository import memory_repository
+from .loop import VirtualTimeLoop, describe_task
+from .repository import InMemoryRepository, memory_repository
 from .store import InMemoryStore
+from .tracking import untracked
 from .worker import Worker
 
 __all__ = ["Simulation", "SimulationReport", "TaskSummary", "Worker", "simulate"]
@@ -163,8 +165,9 @@ class Simulation:
     read what happened with :meth:`executions` and :meth:`assert_executed`.
 
     ``backend`` is a name ("memory", "sqlite", "redis", "postgres") or any Pyncette repository
-    factory, configured by ``config_overrides`` (``redis_url=...``); a real backend runs under
-    ``track_io`` in a namespace of its own, removed at shutdown (see :func:`isolated_backend`).
+    factory, configured by ``config_overrides`` (``redis_url=...``); a real backend runs on an event
+    loop of its own, each call atomic in virtual time as on the in-memory store, in a namespace of
+    its own, removed at shutdown (see :func:`isolated_backend`).
     """
 
     def __init__(
@@ -206,7 +209,7 @@ class Simulation:
         self._backend = backend
         self._is_memory = backend in ("memory", memory_repository)
         self._backend_scope = contextlib.AsyncExitStack()
-        self._backend_lock = asyncio.Lock()
+        self._backend_loop: BackendLoop | None = None  # a real backend's (see backend_loop)
         self._store = store if store is not None else InMemoryStore()
         self._seed = seed
         self.random = random.Random(seed)
@@ -230,7 +233,6 @@ class Simulation:
         self._isolated: IsolatedBackend | None = None
         self._due_times: BackendDueTimes | None = None  # a real backend's, for elision
         self._admin_repository: Repository | None = None
-        self._background: list[asyncio.Task[None]] = []  # the lease faults' writes on a real backend
         self._state = "new"  # new -> entered -> started -> ended
         self._window_end: datetime.datetime | None = None
 
@@ -306,9 +308,12 @@ class Simulation:
             if self._owns_clock:
                 clock.__exit__(None, None, None)
             raise
-        self._config = (
-            {**self._isolated.config, "memory_store": self._store} if self._is_memory else self._isolated.config
-        )
+        if self._is_memory:
+            self._config = {**self._isolated.config, "memory_store": self._store}
+        else:
+            self._config = self._isolated.config
+            self._backend_loop = BackendLoop(loop)
+            self._backend_scope.callback(self._backend_loop.close)
         self._journal.instant = clock._instant_at  # the clock's, so that it never keeps the simulation alive
         if self._elide:
             if not self._is_memory:
@@ -351,13 +356,9 @@ class Simulation:
                 self._elision.close()
             self._journal.release_frames()
             try:
-                writes = await asyncio.gather(*self._background, return_exceptions=True)
                 if self._due_times is not None:
                     await self._due_times.aclose()
                 await self._backend_scope.aclose()  # the namespace of a real backend is removed
-                for outcome in writes:
-                    if isinstance(outcome, BaseException):
-                        raise outcome  # a failed lease write is the test's error, not a silent one
             finally:
                 if self._owns_clock and self._clock is not None:
                     self._clock.__exit__(None, None, None)
@@ -419,14 +420,15 @@ class Simulation:
         if self._state != "started" or any(not worker.running and not worker.stopped for worker in self._workers):
             await self.start()
 
-    async def _admin(self) -> Repository:
-        """The simulation's own repository on the backend: no worker's, no faults, no journal. For
-        reading the store whatever the workers' state, and for the lease faults' writes."""
+    def _admin(self) -> Repository:
+        """The simulation's own repository: no worker's, no faults, no journal. For reading the
+        store whatever the workers' state, and for the lease faults' writes on a real backend."""
         if self._admin_repository is None:
             assert self._isolated is not None, "the backend is opened when the simulation is entered"
-            opening = self._backend_scope.enter_async_context(self._isolated.factory(**self._config))
-            repository: Repository = await detached_task(asyncio.get_running_loop(), opening)
-            self._admin_repository = repository
+            if self._backend_loop is None:
+                self._admin_repository = InMemoryRepository(self._store, batch_size=self._config.get("batch_size", 100))
+            else:
+                self._admin_repository = self._backend_loop.open(untracked(self._isolated.factory), **self._config)
         return self._admin_repository
 
     def _static_names(self) -> set[str]:
@@ -497,15 +499,13 @@ class Simulation:
 
     def _repository_factory(self, worker: Worker, group: object) -> RepositoryFactory:
         assert self._isolated is not None, "workers are made once the simulation is entered"
-        backend = self._isolated.factory
+        backend, backend_loop = untracked(self._isolated.factory), self._backend_loop
         simulation = self
 
         @contextlib.asynccontextmanager
         async def factory(**config: Any) -> AsyncIterator[Repository]:
-            async with contextlib.AsyncExitStack() as stack:
-                # One at a time, like every backend call: workers set up the same table at the same instant.
-                async with simulation._backend_lock:
-                    repository = await stack.enter_async_context(backend(**config))
+            opening = backend(**config) if backend_loop is None else backend_loop.opened(backend, **config)
+            async with opening as repository:
                 yield _SimulationRepository(repository, simulation, worker, group)
 
         return factory
@@ -801,7 +801,7 @@ class Simulation:
         of a worker's."""
         self._check_task(task, method)
         self._check_usable()
-        return types.SimpleNamespace(_repository=await self._admin())
+        return types.SimpleNamespace(_repository=self._admin())
 
     def _check_task(self, task: Any, method: str) -> None:
         if not isinstance(task, Task):

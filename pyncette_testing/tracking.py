@@ -74,11 +74,17 @@ def track_io(obj: Any) -> Any:
 
         return tracked_call
     if callable(obj):
-        if getattr(obj, "_pyncette_tracked", False):
+        if hasattr(obj, "_pyncette_untracked"):
             return obj
         factory = _track_factory(obj)
-        factory._pyncette_tracked = True  # type: ignore[attr-defined]
+        factory._pyncette_untracked = obj  # type: ignore[attr-defined]
         return factory
     raise TypeError(
         f"track_io() takes a repository factory, a Repository or a coroutine function, got {type(obj).__name__}"
     )
+
+
+def untracked(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """The repository factory that ``track_io`` wrapped, or ``factory`` itself if it is not one."""
+    original: Callable[..., Any] = getattr(factory, "_pyncette_untracked", factory)
+    return original
