@@ -189,7 +189,7 @@ def main() -> None:
     window = 20 * MINUTE
     app = every_second_app(None)[0]
     walls: dict[str, float] = {"harness": math.inf, "elision": math.inf, "bare": math.inf}
-    for _ in range(7):  # interleaved, so that a slow moment of the machine hits all three alike
+    for _ in range(15):  # interleaved, so that a slow moment of the machine hits all three alike; best of 15
         for name, run in (
             ("harness", lambda: simulate(app, window, start=START, elide_idle_ticks=False)),
             ("elision", lambda: simulate(app, window, start=START)),
