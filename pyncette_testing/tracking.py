@@ -1,8 +1,11 @@
-"""``track_io``: hold virtual time still while a call runs in another thread.
+"""``track_io``: I/O that virtual time does not jump over.
 
-Pyncette's sqlite backend (aiosqlite) and other drivers finish their work on their own threads,
-which the loop cannot see; wrapped in ``track_io`` their calls count as work in flight, so the
-loop waits for them instead of jumping over timers.
+Pyncette's sqlite backend (aiosqlite) and other drivers finish their work on their own threads or
+on sockets, which the loop cannot see. A repository factory wrapped in ``track_io`` opens its
+repositories on an event loop of their own, where each call runs to completion while the virtual
+loop waits (see ``backend_loop``): atomic and instantaneous in virtual time, as on the in-memory
+store. A coroutine function or a repository already opened is awaited with time held still
+while its call is in flight.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, TypeVar
 
 from pyncette.repository import Repository
 
+from .backend_loop import BackendLoop
 from .loop import VirtualTimeLoop
 from .repository import _RepositoryProxy
 
@@ -42,22 +46,25 @@ def _track_factory(factory: Callable[..., Any]) -> Callable[..., contextlib.Abst
     @contextlib.asynccontextmanager
     @functools.wraps(factory)
     async def tracked(**kwargs: Any) -> AsyncIterator[Repository]:
-        manager = factory(**kwargs)
-        repository = await held(manager.__aenter__())
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, VirtualTimeLoop):  # in real time there is nothing to hold
+            async with factory(**kwargs) as repository:
+                yield _TrackedRepository(repository)
+            return
+        backend = BackendLoop(loop)
         try:
-            yield track_io(repository)
-        except BaseException as error:
-            if not await held(manager.__aexit__(type(error), error, error.__traceback__)):
-                raise
-        else:
-            await held(manager.__aexit__(None, None, None))
+            async with backend.opened(factory, **kwargs) as repository:
+                yield repository
+        finally:
+            backend.close()
 
     return tracked
 
 
 def track_io(obj: Any) -> Any:
     """Wrap a repository factory, a repository or a coroutine function so that virtual time does
-    not move while one of its calls is in flight.
+    not move while one of its calls is in flight; a factory's calls also let nothing else run
+    meanwhile, so they are atomic, as on the in-memory store.
 
     ``Pyncette(repository_factory=track_io(sqlite_repository))`` runs Pyncette's real sqlite
     backend under virtual time with the same results as the in-memory store.

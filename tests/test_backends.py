@@ -228,47 +228,73 @@ def test_backend_calls_are_serialized_so_runs_do_not_depend_on_the_server() -> N
     assert journal("sqlite") == expected
 
 
-def test_a_backend_call_is_atomic_in_virtual_time() -> None:
-    # The backend yields to its event loop in the middle of each call, as a driver waiting for the
-    # server does. Nothing of the simulation may run meanwhile: had another worker's step run there,
-    # the journal would depend on how fast the server answered.
-    app = Pyncette()
-    steps = 0
-    progress_during_calls: list[int] = []
-    store = InMemoryStore()  # one for both workers, as a server would be
+class _SlowServer:
+    """A backend that yields to its event loop in the middle of each call, as a driver waiting for
+    its server does, and notes how far a task body got meanwhile."""
 
-    @app.task(interval=datetime.timedelta(seconds=1))
-    async def job(context: Context) -> None:
-        nonlocal steps
+    def __init__(self) -> None:
+        self.store = InMemoryStore()  # one for every worker, as a server would be
+        self.steps = 0
+        self.progress_during_calls: list[int] = []
+        self.app = Pyncette()
+        self.app.task(name="job", interval=datetime.timedelta(seconds=1))(self.body)
+
+    async def body(self, context: Context) -> None:
         for _ in range(20):
-            steps += 1
+            self.steps += 1
             await asyncio.sleep(0)
 
     @contextlib.asynccontextmanager
-    async def answering_slowly(**config: Any) -> AsyncIterator[Any]:
-        repository = InMemoryRepository(store)
+    async def factory(self, **config: Any) -> AsyncIterator[Any]:
+        repository = InMemoryRepository(self.store)
         for name in ("poll_task", "poll_dynamic_task", "commit_task"):
-            setattr(repository, name, answering_after_a_while(getattr(repository, name)))
+            setattr(repository, name, self._answering_after_a_while(getattr(repository, name)))
         yield repository
 
-    def answering_after_a_while(call: Any) -> Any:
+    def _answering_after_a_while(self, call: Any) -> Any:
         async def slow_call(*args: Any) -> Any:
-            before = steps
+            before = self.steps
             for _ in range(20):
                 await asyncio.sleep(0)
-            progress_during_calls.append(steps - before)
+            self.progress_during_calls.append(self.steps - before)
             return await call(*args)
 
         return slow_call
 
+
+def test_a_backend_call_is_atomic_in_virtual_time() -> None:
+    # Nothing of the simulation may run while a call waits for the server: had another worker's
+    # step run there, the journal would depend on how fast the server answered.
+    server = _SlowServer()
+
     async def main() -> None:
-        async with Simulation(app, start=START, backend=answering_slowly, workers=2) as sim:
+        async with Simulation(server.app, start=START, backend=server.factory, workers=2) as sim:
             await sim.advance(seconds=10)
-            sim.assert_executed(job, times=10)
+            sim.assert_executed("job", times=10)
 
     _run(main())
-    assert len(progress_during_calls) >= 50
-    assert set(progress_during_calls) == {0}
+    assert len(server.progress_during_calls) >= 50
+    assert set(server.progress_during_calls) == {0}
+
+
+def test_the_calls_of_a_track_io_factory_are_atomic_too() -> None:
+    # Bare Pyncette, two app instances on one store: the same guarantee without a Simulation.
+    server = _SlowServer()
+    app = Pyncette(repository_factory=track_io(server.factory))
+    app.task(name="job", interval=datetime.timedelta(seconds=1))(server.body)
+
+    async def main() -> None:
+        async with VirtualClock(START) as clock, app.create() as first, app.create() as second:
+            running = [asyncio.create_task(first.run()), asyncio.create_task(second.run())]
+            await clock.advance(10.5)
+            first.shutdown()
+            second.shutdown()
+            await asyncio.gather(*running)
+
+    _run(main())
+    assert server.steps == 10 * 20  # at 1 s, 2 s, ..., 10 s: once each, between the two instances
+    assert len(server.progress_during_calls) >= 50
+    assert set(server.progress_during_calls) == {0}
 
 
 def test_a_backend_call_that_never_answers_is_a_clear_error_not_a_hang() -> None:
