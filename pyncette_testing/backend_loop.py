@@ -1,11 +1,12 @@
-"""A simulation's real backend on an event loop of its own: every call is atomic in virtual time.
+"""A real backend on an event loop of its own: every call is atomic in virtual time.
 
 On the virtual loop itself, a call to a real server would leave the loop running everything else
 at that instant while the answer travels: how another worker's steps interleave with the call
 would depend on how fast the server answers, and two runs of one simulation could differ. Here
 the backend's repositories live on a plain asyncio loop of their own, in the same thread, and each
 call is run to completion there while the virtual loop waits, as if it took no time at all:
-exactly what a call to the in-memory store does.
+exactly what a call to the in-memory store does. A simulation runs its backend this way, and so
+does a repository factory wrapped in ``track_io``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ T = TypeVar("T")
 
 
 class BackendLoop:
-    """A plain event loop that :meth:`run` drives until one coroutine has finished, for the
-    simulation on ``virtual``; it is closed with the simulation, or else with ``virtual``."""
+    """A plain event loop that :meth:`run` drives until one coroutine has finished, for a backend
+    used on ``virtual``; it is closed by its owner (a simulation, a ``track_io`` factory), or else
+    with ``virtual``."""
 
     def __init__(self, virtual: VirtualTimeLoop) -> None:
         self._virtual = virtual
@@ -42,7 +44,7 @@ class BackendLoop:
         """``coro``'s result, the calling loop (the virtual one) standing still meanwhile."""
         if self._loop.is_closed():
             coro.close()
-            raise RuntimeError("the simulation's backend is closed: the simulation has ended")
+            raise RuntimeError("the backend is closed: the simulation (or app context) using it has ended")
         if self._stalled is not None:  # its server did not answer: fail fast, not once per io_timeout
             coro.close()
             raise SimulationStalled(self._stalled)

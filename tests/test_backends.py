@@ -25,6 +25,7 @@ from pyncette_testing import (
     VirtualTimeLoop,
     backend_unavailable,
     isolated_backend,
+    memory_repository,
     track_io,
 )
 
@@ -295,6 +296,23 @@ def test_the_calls_of_a_track_io_factory_are_atomic_too() -> None:
     assert server.steps == 10 * 20  # at 1 s, 2 s, ..., 10 s: once each, between the two instances
     assert len(server.progress_during_calls) >= 50
     assert set(server.progress_during_calls) == {0}
+
+
+def test_a_repository_used_after_its_backend_closed_says_so() -> None:
+    app = Pyncette()
+
+    @app.task(interval=datetime.timedelta(seconds=1))
+    async def job(context: Context) -> None:
+        pass
+
+    async def main() -> None:
+        async with VirtualClock(START) as clock:
+            async with track_io(memory_repository)() as repository:
+                assert await repository.get_task_state(clock.now(), job) is None
+            with pytest.raises(RuntimeError, match="the backend is closed"):
+                await repository.get_task_state(clock.now(), job)
+
+    _run(main())
 
 
 def test_a_backend_call_that_never_answers_is_a_clear_error_not_a_hang() -> None:
