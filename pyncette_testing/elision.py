@@ -14,7 +14,7 @@ skipped stretch, and a tick never changes places with another timer.
 
 Due times come from the in-memory store directly. On a real backend they are read from the backend
 itself (:class:`BackendDueTimes`): after any call that may have written, the first idle moment
-re-reads them (time held still) before anything is skipped.
+re-reads them (in no virtual time) before anything is skipped.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository
 from pyncette.task import Task
 
+from .backend_loop import BackendRepository
 from .clock import VirtualClock
-from .loop import TASK_GROUP, VirtualTimeLoop, detached_task
+from .loop import TASK_GROUP, VirtualTimeLoop
 from .store import InMemoryStore
 
 __all__ = ["BackendDueTimes", "TickElision"]
@@ -279,8 +280,8 @@ class BackendDueTimes:
     """Due times of a real backend, read through the simulation's own repository (no worker's).
 
     The simulation calls :meth:`after` after every repository call, which notes whether it may have
-    changed the store. The next idle moment then starts a read of every task's state (with time held still) and
-    skips nothing until it is done; the idle moment after that uses what it read.
+    changed the store. The next idle moment then reads every task's state, a call that takes no
+    virtual time (see ``backend_loop``), before it skips anything.
 
     On an app that writes between every two idle moments, a read would cost a round trip per tick
     and never let a tick be skipped. So each read that did not lead to a skip makes the next one
@@ -290,13 +291,12 @@ class BackendDueTimes:
 
     def __init__(
         self,
-        repository: Callable[[], Repository],
+        repository: Callable[[], BackendRepository],
         now: Callable[[], datetime.datetime],
     ) -> None:
         self._repository = repository
         self._now = now
         self._stale = True
-        self._reading: asyncio.Task[None] | None = None
         self._due: dict[str, float | None] = {}
         self._failed: Exception | None = None
         self._fruitless = 0  # reads since the last one that let ticks be skipped
@@ -320,20 +320,29 @@ class BackendDueTimes:
     def current(self, loop: VirtualTimeLoop) -> bool:
         if not self._stale:
             return True
-        if self._reading is None and self._failed is None:
-            if self._wait:
-                self._wait -= 1
-                return False
-            self._wait = 2**self._fruitless - 1
-            self._fruitless = min(self._fruitless + 1, _MAX_READ_BACKOFF)
-            tasks = {
-                task.canonical_name: task
-                for state in loop._tick_tasks.values()
-                if state.elision._due_times is self  # this simulation's poll loops only
-                for task in (state.task_list() or ())
-            }
-            self._reading = detached_task(loop, self._read(loop, list(tasks.values())))
-        return False
+        if self._failed is not None:
+            return False
+        if self._wait:
+            self._wait -= 1
+            return False
+        self._wait = 2**self._fruitless - 1
+        self._fruitless = min(self._fruitless + 1, _MAX_READ_BACKOFF)
+        tasks = {
+            task.canonical_name: task
+            for state in loop._tick_tasks.values()
+            if state.elision._due_times is self  # this simulation's poll loops only
+            for task in (state.task_list() or ())
+        }
+        try:
+            repository = self._repository()
+            self._due = repository.backend.run(_read_due_times(repository.inner, self._now(), list(tasks.values())))
+        except Exception as error:
+            # No due times, no skipping: the simulation goes on tick by tick (and its workers,
+            # which talk to the same backend, report the trouble).
+            self._failed = error
+            return False
+        self._stale = False
+        return True
 
     def used(self, skipped: bool) -> None:
         if skipped:
@@ -348,32 +357,14 @@ class BackendDueTimes:
             earliest = min(earliest, due)
         return earliest
 
-    async def _read(self, loop: VirtualTimeLoop, tasks: list[Task]) -> None:
-        try:
-            self._stale = False  # a write from here on makes the next idle moment read again
-            repository = self._repository()
-            now = self._now()
-            due: dict[str, float | None] = {}
-            for task in tasks:
-                due[task.canonical_name] = await (
-                    _earliest_instance(repository, now, task) if task.dynamic else _static_due(repository, now, task)
-                )
-            self._due = due
-        except asyncio.CancelledError:
-            self._stale = True
-            raise
-        except Exception as error:
-            # No due times, no skipping: the simulation goes on tick by tick (and its workers,
-            # which talk to the same backend, report the trouble).
-            self._stale, self._failed = True, error
-        finally:
-            self._reading = None
 
-    async def aclose(self) -> None:
-        if self._reading is not None:
-            self._reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reading
+async def _read_due_times(repository: Repository, now: datetime.datetime, tasks: list[Task]) -> dict[str, float | None]:
+    due: dict[str, float | None] = {}
+    for task in tasks:
+        due[task.canonical_name] = await (
+            _earliest_instance(repository, now, task) if task.dynamic else _static_due(repository, now, task)
+        )
+    return due
 
 
 async def _static_due(repository: Repository, now: datetime.datetime, task: Task) -> float | None:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from pyncette.task import Task
 
-from .backend_loop import BackendRepository
 from .backends import force_lease
 from .clock import to_seconds, to_utc
 from .journal import Outcome, Settlement
@@ -410,8 +409,7 @@ class Faults:
                 "not on a custom repository factory"
             )
 
-        admin = simulation._admin()
-        assert isinstance(admin, BackendRepository), "a real backend's repository runs on its own loop"
+        admin = simulation._backend_admin()
         admin.backend.run(force_lease(admin.inner, name, locked_until, locked_by, new_holder=bool(locked_by)))
         if simulation._due_times is not None:
             simulation._due_times.after("lease fault", None, None)

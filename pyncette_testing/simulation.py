@@ -24,7 +24,7 @@ from pyncette.pyncette import PyncetteContext
 from pyncette.repository import Repository, RepositoryFactory
 from pyncette.task import PartitionedTask, Task, _TaskPartition
 
-from .backend_loop import BackendLoop
+from .backend_loop import BackendLoop, BackendRepository
 from .backends import IsolatedBackend, _check_name, isolated_backend
 from .boundary import _recording_middleware, _SimulationRepository
 from .clock import VirtualClock, active_clock, to_seconds, to_utc
@@ -317,7 +317,7 @@ class Simulation:
         self._journal.instant = clock._instant_at  # the clock's, so that it never keeps the simulation alive
         if self._elide:
             if not self._is_memory:
-                self._due_times = BackendDueTimes(self._admin, clock.now)
+                self._due_times = BackendDueTimes(self._backend_admin, clock.now)
             due_times = self._store if self._due_times is None else self._due_times
             self._elision = TickElision(loop, clock, due_times, blocked=self.faults.blocks_elision)
         self._state = "entered"
@@ -356,8 +356,6 @@ class Simulation:
                 self._elision.close()
             self._journal.release_frames()
             try:
-                if self._due_times is not None:
-                    await self._due_times.aclose()
                 await self._backend_scope.aclose()  # the namespace of a real backend is removed
             finally:
                 if self._owns_clock and self._clock is not None:
@@ -430,6 +428,12 @@ class Simulation:
             else:
                 self._admin_repository = self._backend_loop.open(untracked(self._isolated.factory), **self._config)
         return self._admin_repository
+
+    def _backend_admin(self) -> BackendRepository:
+        """:meth:`_admin` on a real backend, whose calls run on the backend's own loop."""
+        admin = self._admin()
+        assert isinstance(admin, BackendRepository), "only a real backend has a loop of its own"
+        return admin
 
     def _static_names(self) -> set[str]:
         return {task.canonical_name for task in self._template._tasks if not task.dynamic}

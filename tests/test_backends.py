@@ -274,7 +274,7 @@ def test_a_backend_call_is_atomic_in_virtual_time() -> None:
             sim.assert_executed("job", times=10)
 
     _run(main())
-    assert len(server.progress_during_calls) >= 50
+    assert len(server.progress_during_calls) >= 30  # two workers' polls and commits (fewer: elision skips some)
     assert set(server.progress_during_calls) == {0}
 
 
