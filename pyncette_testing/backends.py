@@ -169,8 +169,8 @@ async def isolated_backend(
 @contextlib.asynccontextmanager
 async def _postgres_repository(**kwargs: Any) -> AsyncIterator[Any]:
     """Pyncette's ``postgres_repository`` with a pool fit for virtual time: one connection to start
-    with, and no idle timers (asyncpg's connection and statement-cache expiry timers would keep idle
-    ticks from being skipped, and reconnecting costs real time)."""
+    with, and no expiry of idle connections or cached statements (asyncpg's timers run in real time,
+    and reconnecting would cost real time in the middle of a run)."""
     import asyncpg
     from pyncette.postgres import PostgresRepository
 
