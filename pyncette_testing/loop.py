@@ -131,7 +131,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._tick_timers: dict[int, tuple[asyncio.TimerHandle, Any]] = {}
         self._idle_hook: Callable[[VirtualTimeLoop], None] | None = None
         self._elisions: list[Any] = []  # the simulations' TickElisions; the first is the idle hook
-        self._closing_with: list[Callable[[], None]] = []  # simulations' backend loops still open
+        self._closing_with: list[Callable[[], None]] = []  # backend loops still open (see backend_loop)
         # Frozen task groups: their callbacks are held (a paused process) until thawed, if ever.
         self._frozen: dict[object, list[asyncio.Handle]] = {}
         self._group_tasks: dict[object, list[asyncio.Task[Any]]] = {}

@@ -310,10 +310,15 @@ async def memory_repository(**kwargs: Any) -> AsyncIterator[InMemoryRepository]:
     Without ``memory_store`` each call gets a fresh private store (like sqlite ``:memory:``);
     other configuration keys are ignored.
     """
-    store = kwargs.get("memory_store")
+    yield _configured(**kwargs)
+
+
+def _configured(**config: Any) -> InMemoryRepository:
+    """The repository ``memory_repository`` opens for this app configuration."""
+    store = config.get("memory_store")
     if store is not None and not isinstance(store, InMemoryStore):
         raise TypeError(f"memory_store must be an InMemoryStore, got {type(store).__name__}")
-    yield InMemoryRepository(store, batch_size=kwargs.get("batch_size", 100))
+    return InMemoryRepository(store, batch_size=config.get("batch_size", 100))
 
 
 class _RepositoryProxy(Repository):

@@ -33,7 +33,7 @@ from .errors import SimulationStalled
 from .faults import Faults
 from .journal import Event, Execution, Journal, Outcome, _Entry, render_timeline
 from .loop import VirtualTimeLoop, describe_task
-from .repository import InMemoryRepository, memory_repository
+from .repository import _configured, memory_repository
 from .store import InMemoryStore
 from .tracking import untracked
 from .worker import Worker
@@ -424,7 +424,7 @@ class Simulation:
         if self._admin_repository is None:
             assert self._isolated is not None, "the backend is opened when the simulation is entered"
             if self._backend_loop is None:
-                self._admin_repository = InMemoryRepository(self._store, batch_size=self._config.get("batch_size", 100))
+                self._admin_repository = _configured(**self._config)  # memory_repository's, opened at once
             else:
                 self._admin_repository = self._backend_loop.open(untracked(self._isolated.factory), **self._config)
         return self._admin_repository
